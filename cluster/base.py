@@ -1,0 +1,173 @@
+"""The two ports every backend implements: a :class:`Broker` and a :class:`Store`.
+
+Implementations: :mod:`cluster.memory` (one process, the embedded default) and the
+Redis ones. One contract test suite (``tests/cluster/test_contract.py``) runs against
+all of them; each implementation module ends with a ``TYPE_CHECKING`` assignment to the
+Protocol type so that mypy rejects a drifting class.
+
+Times are integers in milliseconds since the epoch and are passed in by the caller
+(the ports never read a clock for the values they store), so tests control them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from presence.churn import ChurnRecord
+from presence.meta import Meta
+
+MessageHandler = Callable[[str, bytes], None]
+"""Called with (topic, payload) for every message received, in order per topic."""
+
+GapHandler = Callable[[Sequence[str]], Awaitable[None]]
+"""Called with topics whose messages may have been lost (after a resubscription)."""
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot be reached now; the caller may retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class UserPresence:
+    """What ``query`` reports of a user: current metas (any channel) and last seen."""
+
+    metas: tuple[Meta, ...]
+    last_seen: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class SweptMeta:
+    """A meta removed from a channel because its node died."""
+
+    ch: str
+    user: str
+    conn: str
+
+
+class Broker(Protocol):
+    """Publish/subscribe of opaque payloads by topic (a topic is a channel name).
+
+    Guarantees every implementation must keep:
+
+    * at most once: a message may be lost across a backend failure (then the gap handler
+      is called for the topics concerned), never duplicated;
+    * per-topic order: messages published by one node on one topic are delivered to
+      every subscriber in publication order;
+    * a node receives its own publications on topics it subscribes to;
+    * ``subscribe`` returns only once the subscription is active: a message published
+      (by anyone) after it returns is delivered;
+    * handlers are called on the event loop, never concurrently, and must not block.
+    """
+
+    async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
+        """Connect and begin delivering messages to ``on_message``."""
+        ...
+
+    async def close(self) -> None:
+        """Stop delivering and release connections; idempotent."""
+        ...
+
+    async def subscribe(self, topic: str) -> None:
+        """Start receiving ``topic``; subscribing twice is a no-op."""
+        ...
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic``; unknown topics are ignored."""
+        ...
+
+    async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish (topic, payload) pairs, in order; returns once handed to the backend.
+
+        Raises :class:`BackendUnavailable` when the backend cannot take them.
+        """
+        ...
+
+    async def healthy(self) -> bool:
+        """True when publishing and receiving work now."""
+        ...
+
+
+class Store(Protocol):
+    """Shared state: presence metas with node ownership, connections, last-seen, churn.
+
+    Every write names the node that owns it, so that when a node's lease lapses one
+    survivor can remove everything it owned (:meth:`sweep_node`), exactly once.
+    Raises :class:`BackendUnavailable` when the backend cannot be reached.
+    """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def healthy(self) -> bool:
+        """True when reads and writes work now."""
+        ...
+
+    # -- connections -------------------------------------------------------------
+    async def add_connection(self, node: str, user: str, conn: str) -> int:
+        """Record a live connection of ``user``; return the user's connection count
+        (cluster-wide, this one included)."""
+        ...
+
+    async def remove_connection(self, node: str, user: str, conn: str) -> None:
+        """Forget a connection; unknown ones are ignored."""
+        ...
+
+    # -- presence metas ----------------------------------------------------------
+    async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta]) -> None:
+        """Store ``conn``'s meta in each channel of ``metas`` (channel -> meta), replacing
+        what was there; the user's index then shows the last of them for ``conn``."""
+        ...
+
+    async def remove_metas(
+        self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
+    ) -> None:
+        """Remove ``conn``'s meta from ``channels``. With ``last`` (the connection has no
+        presence channel left), drop it from the user's index and set the user's
+        last-seen to ``now`` (kept ``last_seen_days``)."""
+        ...
+
+    async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:
+        """user -> metas of one channel (empty when nobody is there)."""
+        ...
+
+    async def user_presence(self, users: Sequence[str]) -> dict[str, UserPresence]:
+        """Current metas (one per connection in any presence channel) and last-seen,
+        for every requested user (unknown users: no metas, ``last_seen`` None)."""
+        ...
+
+    # -- node leases -------------------------------------------------------------
+    async def refresh_lease(self, node: str, ttl: float, now: int) -> None:
+        """Keep ``node`` alive until ``now + ttl`` seconds."""
+        ...
+
+    async def drop_lease(self, node: str) -> None:
+        """A node that stops cleanly gives its lease up (after removing its metas)."""
+        ...
+
+    async def dead_nodes(self, now: int) -> list[str]:
+        """Nodes whose lease expired before ``now`` and that still own state."""
+        ...
+
+    async def sweep_node(self, node: str, now: int) -> list[SweptMeta] | None:
+        """Remove everything a dead ``node`` owned and return the metas removed.
+
+        Exactly once: among concurrent callers one gets the list, the others ``None``;
+        ``None`` also when the node is alive again. Users swept get last-seen ``now``.
+        """
+        ...
+
+    # -- churn records -----------------------------------------------------------
+    async def churn_get(self, org: str, suppliers: Sequence[str]) -> dict[str, ChurnRecord]:
+        """The latest record of each supplier that has one."""
+        ...
+
+    async def churn_put(self, org: str, records: Sequence[ChurnRecord]) -> None:
+        """Store the latest record of each supplier (replacing the previous one)."""
+        ...
+
+    async def churn_snapshot(self, org: str, limit: int) -> list[ChurnRecord]:
+        """Latest records of an org, highest score first, at most ``limit``."""
+        ...
