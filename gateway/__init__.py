@@ -1,0 +1,1 @@
+"""The only layer that knows WebSockets and HTTP: server, sessions, hub, auth, admin, CLI."""
