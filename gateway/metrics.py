@@ -1,0 +1,82 @@
+"""Prometheus metrics of one gateway process (``presence_`` prefix, base units).
+
+Metrics live in a dedicated :class:`CollectorRegistry` per :class:`Metrics` instance so
+that several in-process nodes (tests) do not collide; ``/metrics`` renders it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
+)
+
+
+class Metrics:
+    """Every metric the gateway exports. Label values are bounded sets (codes, kinds)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.connections = Gauge(
+            "presence_connections", "Open WebSocket connections on this node", registry=r
+        )
+        self.connections_opened = Counter(
+            "presence_connections_opened_total", "WebSocket connections accepted", registry=r
+        )
+        self.channels = Gauge(
+            "presence_channels", "Channels with at least one local member", registry=r
+        )
+        self.members = Gauge(
+            "presence_members", "Local channel memberships (connection x channel)", registry=r
+        )
+        self.frames_in = Counter(
+            "presence_frames_received_total", "Frames received from clients", registry=r
+        )
+        self.frames_out = Counter(
+            "presence_frames_sent_total", "Frames written to clients", registry=r
+        )
+        self.bytes_in = Counter(
+            "presence_received_bytes_total", "Bytes of frames received from clients",
+            registry=r,
+        )
+        self.bytes_out = Counter(
+            "presence_sent_bytes_total", "Bytes of frames written to clients", registry=r
+        )
+        self.errors = Counter(
+            "presence_errors_total", "Error frames sent, by protocol code", ["code"], registry=r
+        )
+        self.closes = Counter(
+            "presence_closes_total", "Connections closed, by close code", ["code"], registry=r
+        )
+        self.rate_limited = Counter(
+            "presence_rate_limited_total", "Requests refused by a rate limit or quota",
+            ["kind"], registry=r,
+        )
+        self.slow_consumers = Counter(
+            "presence_slow_consumer_closes_total",
+            "Connections closed because their unsent buffer passed max_buffer", registry=r,
+        )
+        self.propagation = Histogram(
+            "presence_propagation_seconds",
+            "From a change's server time (diff ts) to the diff frame being written",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.loop_lag = Gauge(
+            "presence_event_loop_lag_seconds", "Latest measured event-loop lag", registry=r
+        )
+        self.backend_up = Gauge(
+            "presence_backend_up", "1 when the Store and Broker answer, else 0", registry=r
+        )
+        self.broker_messages = Counter(
+            "presence_broker_messages_total", "Broker messages, by direction",
+            ["direction"], registry=r,
+        )
+        self.desired_replicas = Gauge(
+            "presence_autoscaler_desired_replicas", "Replicas the autoscaling policy asks for",
+            registry=r,
+        )
+        self.desired_reason = Gauge(
+            "presence_autoscaler_decision_info",
+            "1 for the reason of the current autoscaling decision", ["reason"], registry=r,
+        )

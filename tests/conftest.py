@@ -1,0 +1,17 @@
+"""Shared test set-up: uvloop for every async test, and the fixture plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import uvloop
+
+pytest_plugins = [
+    "tests.fixtures.servers",
+    "tests.fixtures.redis_cluster",
+]
+
+
+def pytest_asyncio_loop_factories() -> dict[str, Callable[[], Any]]:
+    return {"uvloop": uvloop.new_event_loop}
