@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from presence.channels import validate_channel
-from presence.errors import BadRequest
+from presence.errors import BadRequest, LimitExceeded
 from presence.meta import MetaPatch, parse_patch
 
 MAX_QUERY_USERS = 100
@@ -69,7 +69,7 @@ def validate_user_ids(raw: object, field: str, limit: int) -> tuple[str, ...]:
     if not isinstance(raw, list) or not raw:
         raise BadRequest(f"{field} must be a non-empty list of user ids", field=field)
     if len(raw) > limit:
-        raise BadRequest(f"{field} holds more than {limit} user ids", field=field)
+        raise LimitExceeded(f"{field} holds more than {limit} user ids", field=field)
     for u in raw:
         if not isinstance(u, str) or not u or len(u) > MAX_USER_ID:
             raise BadRequest(

@@ -1,0 +1,128 @@
+"""The ``presence`` command: ``presence serve`` and ``presence token``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from gateway.auth import ROLES, TIERS, mint_token
+from gateway.logs import configure_logging
+from presence.settings import Settings, SettingsError, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="presence", description="Real-time presence server")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run a gateway process")
+    s.add_argument("--config", help="TOML settings file")
+    s.add_argument("--host", help="public bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="public WebSocket port (default 8765)")
+    s.add_argument("--admin-host", help="admin bind address (default 127.0.0.1)")
+    s.add_argument("--admin-port", type=int, help="admin HTTP port (default 9090)")
+    s.add_argument("--node-id", help="node id (default: random)")
+    s.add_argument("--redis-cluster", help="Redis Cluster startup nodes host:port,host:port")
+    s.add_argument("--redis-url", help="plain Redis URL redis://host:port/0")
+    s.add_argument("--log-level", help="debug, info, warning, error")
+    s.add_argument("--demo", action="store_true", default=None,
+                   help="drive simulated teams and churn scores through the server")
+
+    t = sub.add_parser("token", help="print a token signed with the configured secret")
+    t.add_argument("--config", help="TOML settings file")
+    t.add_argument("--user", required=True)
+    t.add_argument("--channels", default="", help="comma-separated glob patterns")
+    t.add_argument("--role", choices=ROLES, default="member")
+    t.add_argument("--tier", choices=TIERS, default="free")
+    t.add_argument("--ttl", type=float, default=3600.0, help="seconds until expiry")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        k: getattr(args, k, None)
+        for k in ("host", "port", "admin_host", "admin_port", "node_id", "redis_cluster",
+                  "redis_url", "log_level", "demo")
+    }
+    return load_settings(args.config, overrides=overrides)
+
+
+def _token(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.jwt_secret:
+        print("presence token: set PRESENCE_JWT_SECRET (or jwt_secret in --config) to the "
+              "server's secret", file=sys.stderr)
+        return 2
+    channels = [c.strip() for c in args.channels.split(",") if c.strip()]
+    print(mint_token(settings.jwt_secret, args.user, channels, args.role, args.tier, args.ttl))
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    from gateway.server import Gateway
+
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    demo_task = None
+    if settings.demo:
+        from gateway.demo import run_demo
+
+        demo_task = asyncio.ensure_future(run_demo(
+            f"ws://{settings.host}:{gateway.port}/ws",
+            f"http://{settings.admin_host}:{gateway.admin_port}",
+            settings.jwt_secret, stop,
+        ))
+    print(f"presence: serving ws://{settings.host}:{gateway.port}/ws "
+          f"(admin http://{settings.admin_host}:{gateway.admin_port}, "
+          f"dashboard http://{settings.host}:{gateway.port}/dashboard)", file=sys.stderr,
+          flush=True)
+    await stop.wait()
+    if demo_task is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(demo_task, 5)
+    await gateway.stop()
+
+
+def _dev_secret(settings: Settings) -> Settings:
+    """With no secret configured, make one up and print a token to try the server."""
+    if settings.jwt_secret or settings.jwt_algorithm != "HS256":
+        return settings
+    secret = secrets.token_urlsafe(32)
+    settings = settings.with_overrides(jwt_secret=secret)
+    token = mint_token(secret, "demo", ["*"], role="admin", ttl=86400)
+    print(
+        "presence: no PRESENCE_JWT_SECRET set; generated a development secret for this run.\n"
+        f"  export PRESENCE_JWT_SECRET={secret}\n"
+        f"  dev token (user demo, role admin, all channels, 24 h):\n  {token}\n"
+        f"  dashboard: http://{settings.host}:{settings.port}/dashboard#token={token}",
+        file=sys.stderr, flush=True,
+    )
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "token":
+            return _token(args)
+        settings = _dev_secret(_settings(args))
+    except SettingsError as exc:
+        print(f"presence: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    uvloop.run(_serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

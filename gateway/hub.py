@@ -1,0 +1,235 @@
+"""The local hub: channel -> local members, coalescing of changes, one-to-many fan-out.
+
+For every channel with local members the hub keeps the pending diff (changes received
+from the broker and not yet sent) and a mirror of the channel's state (used to repair
+the local view after a broker gap). A flush encodes the diff once per wire format and
+writes that one frame to every member without awaiting any of them
+(``websockets.broadcast``); members whose own changes are in the diff get a copy without
+them. A member whose unsent buffer has passed ``max_buffer`` is closed (1008) instead of
+written to, so a stuck client cannot grow the node's memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import websockets
+
+from presence.codec import Format, encode
+from presence.diff import PendingDiff
+from presence.meta import Meta
+from presence.state import ChannelState
+
+
+class Member(Protocol):
+    """What the hub needs of a connection."""
+
+    conn: str
+    fmt: Format
+
+    def write_frame(self, data: str | bytes, ch: str | None = None) -> None:
+        """Write an encoded frame without waiting (``ch``: the channel it is about)."""
+        ...
+
+    def buffered(self) -> int:
+        """Bytes written to this connection and not yet sent."""
+        ...
+
+    def slow_consumer(self) -> None:
+        """Close the connection (1008): its buffer passed the bound."""
+        ...
+
+    def direct(self, ch: str) -> Any:
+        """The websocket to write ``ch``'s frames to directly with
+        ``websockets.broadcast``, or None when frames must go through
+        :meth:`write_frame` (the member still waits for its ``joined`` reply)."""
+        ...
+
+
+class Channel:
+    """One channel's local members, pending diff and mirror."""
+
+    __slots__ = ("flush_handle", "members", "mirror", "name", "pending")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.members: set[Member] = set()
+        self.pending = PendingDiff()
+        self.mirror = ChannelState()
+        self.flush_handle: asyncio.Handle | None = None
+
+
+class Hub:
+    """Local fan-out. All methods run on the event loop and never suspend."""
+
+    def __init__(
+        self,
+        coalesce_ms: int,
+        max_buffer: int,
+        on_flush: Callable[[int, int, float], None] | None = None,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.coalesce = coalesce_ms / 1000.0
+        self.max_buffer = max_buffer
+        self.channels: dict[str, Channel] = {}
+        # on_flush(frames written, bytes written, propagation seconds) feeds the metrics.
+        self.on_flush = on_flush
+        self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+
+    # -- membership --------------------------------------------------------------
+    def add(self, ch: str, member: Member) -> bool:
+        """Add a member; True when it is the channel's first local member."""
+        channel = self.channels.get(ch)
+        first = channel is None
+        if channel is None:
+            channel = self.channels[ch] = Channel(ch)
+        channel.members.add(member)
+        return first
+
+    def remove(self, ch: str, member: Member) -> bool:
+        """Remove a member; True when the channel has no local member left."""
+        channel = self.channels.get(ch)
+        if channel is None:
+            return False
+        channel.members.discard(member)
+        if channel.members:
+            return False
+        if channel.flush_handle is not None:
+            channel.flush_handle.cancel()
+        del self.channels[ch]
+        return True
+
+    def members(self, ch: str) -> set[Member]:
+        channel = self.channels.get(ch)
+        return channel.members if channel is not None else set()
+
+    def member_count(self) -> int:
+        return sum(len(c.members) for c in self.channels.values())
+
+    # -- presence changes ----------------------------------------------------------
+    def seed(self, ch: str, presence: dict[str, list[Meta]]) -> None:
+        """Initialise a channel's mirror from a store snapshot (first local join)."""
+        channel = self.channels.get(ch)
+        if channel is None:
+            return
+        for user, metas in presence.items():
+            for meta in metas:
+                channel.mirror.merge(user, meta)
+
+    def on_join(self, ch: str, user: str, meta: Meta, ts: int) -> None:
+        channel = self.channels.get(ch)
+        if channel is None:
+            return
+        channel.mirror.merge(user, meta)
+        if not channel.pending.add_join(user, meta, ts):
+            # A leave of this conn is pending: it must reach clients before the join.
+            self._flush(channel)
+            channel.pending.add_join(user, meta, ts)
+        self._schedule(channel)
+
+    def on_leave(self, ch: str, user: str, conn: str, last_seen: int, ts: int) -> None:
+        channel = self.channels.get(ch)
+        if channel is None:
+            return
+        channel.mirror.remove(user, conn)
+        channel.pending.add_leave(user, conn, last_seen, ts)
+        self._schedule(channel)
+
+    def mirror(self, ch: str) -> ChannelState | None:
+        channel = self.channels.get(ch)
+        return channel.mirror if channel is not None else None
+
+    def _schedule(self, channel: Channel) -> None:
+        if channel.flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self.coalesce > 0:
+            channel.flush_handle = loop.call_later(self.coalesce, self._flush, channel)
+        else:
+            channel.flush_handle = loop.call_soon(self._flush, channel)
+
+    def flush_all(self) -> None:
+        """Send every pending diff now (drain, tests)."""
+        for channel in tuple(self.channels.values()):
+            self._flush(channel)
+
+    def _flush(self, channel: Channel) -> None:
+        if channel.flush_handle is not None:
+            channel.flush_handle.cancel()
+            channel.flush_handle = None
+        pending = channel.pending
+        if not pending:
+            return
+        channel.pending = PendingDiff()
+        own = pending.conns()
+        shared: dict[Format, str | bytes] = {}
+        frame: dict[str, Any] | None = None
+        groups: dict[Format, list[Member]] = {}
+        for member in self._writable(channel.members):
+            if member.conn in own:
+                personal = pending.frame(channel.name, exclude=member.conn)
+                if personal is not None:
+                    self._count(1, _write(member, encode(personal, member.fmt), channel.name))
+                continue
+            groups.setdefault(member.fmt, []).append(member)
+        frames = 0
+        nbytes = 0
+        for fmt, members in groups.items():
+            if frame is None:
+                frame = pending.frame(channel.name)
+                if frame is None:
+                    break
+            data = shared.get(fmt)
+            if data is None:
+                data = shared[fmt] = encode(frame, fmt)
+            sockets = []
+            for member in members:
+                ws = member.direct(channel.name)
+                if ws is None:
+                    member.write_frame(data, channel.name)
+                else:
+                    sockets.append(ws)
+            # One library call writes the same frame to many sockets, skipping closed ones.
+            websockets.broadcast(sockets, data)
+            frames += len(members)
+            nbytes += len(data) * len(members)
+        if self.on_flush is not None and pending.ts is not None:
+            self.on_flush(frames, nbytes, max(0.0, (self.clock_ms() - pending.ts) / 1000.0))
+
+    def _count(self, frames: int, nbytes: int) -> None:
+        if self.on_flush is not None:
+            self.on_flush(frames, nbytes, -1.0)
+
+    def _writable(self, members: Iterable[Member]) -> list[Member]:
+        out: list[Member] = []
+        for member in tuple(members):
+            if member.buffered() > self.max_buffer:
+                member.slow_consumer()
+            else:
+                out.append(member)
+        return out
+
+    # -- churn ---------------------------------------------------------------------
+    def broadcast(self, ch: str, frame: dict[str, Any]) -> None:
+        """Send one frame to every local member of ``ch`` (churn events)."""
+        channel = self.channels.get(ch)
+        if channel is None:
+            return
+        shared: dict[Format, str | bytes] = {}
+        frames = nbytes = 0
+        for member in self._writable(channel.members):
+            data = shared.get(member.fmt)
+            if data is None:
+                data = shared[member.fmt] = encode(frame, member.fmt)
+            member.write_frame(data, ch)
+            frames += 1
+            nbytes += len(data)
+        self._count(frames, nbytes)
+
+
+def _write(member: Member, data: str | bytes, ch: str) -> int:
+    member.write_frame(data, ch)
+    return len(data)

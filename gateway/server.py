@@ -1,0 +1,189 @@
+"""The gateway process: WebSocket server on the public port, admin API, shutdown.
+
+:class:`Gateway` is used both by the CLI and, in-process on port 0, by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mimetypes
+from collections.abc import Sequence
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from cluster.base import Broker, Store
+from cluster.factory import make_backend
+from gateway.node import Node
+from gateway.session import Session
+from presence.codec import SUBPROTOCOLS, Format
+from presence.errors import CloseCode
+from presence.settings import Settings
+
+log = structlog.get_logger("presence.server")
+
+STATIC_DIR = Path(__file__).parent / "static"
+WS_PATH = "/ws"
+
+
+def select_subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """The first subprotocol the client offers that we speak; None (JSON) otherwise.
+
+    websockets' default refuses a client offering none when subprotocols are set; the
+    protocol says such a client gets JSON, hence this function.
+    """
+    for name in offered:
+        if name in SUBPROTOCOLS:
+            return name
+    return None
+
+
+def static_response(path: str) -> Response | None:
+    """A GET for a file under gateway/static (``/client.js``, ``/static/<f>``,
+    ``/dashboard``), or None when the path is not a static file."""
+    if path == "/client.js":
+        name = "client.js"
+    elif path in ("/dashboard", "/", "/dashboard/"):
+        name = "dashboard.html"
+    elif path.startswith("/static/"):
+        name = path[len("/static/") :]
+    else:
+        return None
+    if not name or "/" in name or name.startswith("."):
+        return None
+    file = STATIC_DIR / name
+    if not file.is_file():
+        return None
+    body = file.read_bytes()
+    ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if name.endswith(".js"):
+        ctype = "text/javascript"
+    headers = Headers(
+        [("Content-Type", f"{ctype}; charset=utf-8" if ctype.startswith("text") else ctype),
+         ("Content-Length", str(len(body))),
+         ("Cache-Control", "no-cache")]
+    )
+    return Response(HTTPStatus.OK.value, "OK", headers, body)
+
+
+class Gateway:
+    """One gateway process: node, public WebSocket server, admin HTTP server."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker | None = None,
+        store: Store | None = None,
+    ) -> None:
+        if broker is None or store is None:
+            broker, store = make_backend(settings)
+        self.settings = settings
+        self.node = Node(settings, broker, store)
+        self.server: Server | None = None
+        self.admin_runner: web.AppRunner | None = None
+        self.autoscaler: Any = None
+        self.port = settings.port
+        self.admin_port = settings.admin_port
+        self.stopped = asyncio.Event()
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        fmt = Format.for_subprotocol(ws.subprotocol)
+        await Session(ws, self.node, fmt).run()
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == WS_PATH:
+            if "upgrade" not in request.headers.get("Connection", "").lower():
+                return connection.respond(HTTPStatus.UPGRADE_REQUIRED, "WebSocket endpoint\n")
+            return None
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        response = static_response(path)
+        if response is not None:
+            return response
+        return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.node.start()
+        self.server = await serve(
+            self._handler,
+            s.host,
+            s.port,
+            subprotocols=[Subprotocol(p) for p in SUBPROTOCOLS],
+            select_subprotocol=select_subprotocol,
+            process_request=self._process_request,
+            # permessage-deflate triples memory per connection and slows fan-out 4.5x.
+            compression=None,
+            max_size=s.max_frame,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            close_timeout=2,
+            server_header=None,
+        )
+        sock = next(iter(self.server.sockets))
+        self.port = sock.getsockname()[1]
+        await self._start_admin()
+        log.info("listening", host=s.host, port=self.port, admin_port=self.admin_port,
+                 node=self.node.node_id)
+
+    async def _start_admin(self) -> None:
+        from gateway.app import build_admin
+
+        app, self.autoscaler = build_admin(self.node)
+        self.admin_runner = web.AppRunner(app, access_log=None)
+        await self.admin_runner.setup()
+        site = web.TCPSite(self.admin_runner, self.settings.admin_host, self.settings.admin_port)
+        await site.start()
+        addresses = self.admin_runner.addresses
+        if addresses:
+            self.admin_port = int(addresses[0][1])
+        if self.autoscaler is not None:
+            self.autoscaler.start()
+
+    async def drain(self) -> None:
+        """SIGTERM: refuse new connections, publish our members' leaves, close every
+        connection with 1012 and a jittered reconnect hint, within ``drain_timeout``."""
+        node = self.node
+        if node.draining:
+            return
+        node.draining = True
+        log.info("draining", connections=len(node.sessions))
+        if self.server is not None:
+            self.server.close(close_connections=False)
+        sessions = list(node.sessions)
+        jitter = self.settings.reconnect_jitter
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.drain_timeout):
+                await asyncio.gather(*(s.drain(jitter) for s in sessions))
+                node.hub.flush_all()
+                if self.server is not None:
+                    await self.server.wait_closed()
+        # Whatever did not close in time is cut.
+        for s in list(node.sessions):
+            if s.ws.transport is not None:
+                s.ws.transport.abort()
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self.autoscaler is not None:
+            with contextlib.suppress(Exception):
+                await self.autoscaler.stop()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        await self.node.stop()
+        self.stopped.set()
+        log.info("stopped", node=self.node.node_id)
+
+
+__all__ = ["CloseCode", "Gateway", "select_subprotocol"]

@@ -1,0 +1,406 @@
+"""One client connection: authentication, request dispatch, replies and cleanup.
+
+Requests of one connection are handled one at a time, in order. Every frame to the
+client (replies, diffs, churn events) is written without waiting
+(``websockets.broadcast``), so a client that does not read never blocks the node; its
+unsent buffer is checked against ``max_buffer`` and the connection closed with 1008
+when it passes it.
+
+While a ``join`` is in flight the channel's diffs for this connection are held back and
+written right after the ``joined`` reply, so the client always gets the snapshot first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from typing import Any
+
+import structlog
+import websockets
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway.auth import QUERY_ROLES, Claims, bearer_token
+from gateway.node import BackendError, Node, now_ms
+from presence.channels import channel_allowed, is_churn
+from presence.codec import Format, decode, encode
+from presence.errors import (
+    BadRequest,
+    CloseCode,
+    Forbidden,
+    InternalError,
+    LimitExceeded,
+    MalformedFrame,
+    NotJoined,
+    Overloaded,
+    PresenceError,
+    RateLimited,
+    Unauthorized,
+    error_frame,
+)
+from presence.frames import Hello, Join, Leave, Ping, Query, Update, parse_ref, parse_request
+from presence.meta import Meta, MetaPatch, new_meta
+from presence.ratelimit import SlidingWindow, TokenBucket
+
+log = structlog.get_logger("presence.session")
+
+
+class Session:
+    """The server side of one WebSocket connection."""
+
+    def __init__(self, ws: ServerConnection, node: Node, fmt: Format) -> None:
+        self.ws = ws
+        self.node = node
+        self.fmt = fmt
+        self.settings = node.settings
+        self.conn = node.new_conn_id()
+        self.user = ""
+        self.claims: Claims | None = None
+        self.metas: dict[str, Meta] = {}
+        self.churn_channels: set[str] = set()
+        self.current = MetaPatch()
+        self.backlog: dict[str, list[str | bytes]] = {}
+        self.closing = False
+        self.registered = False
+        self.malformed = 0
+        self.close_reason = ""
+        now = time.monotonic()
+        s = self.settings
+        self.updates = TokenBucket(s.updates_per_second, s.updates_burst, now)
+        self.errors = SlidingWindow(s.max_errors_per_minute, 60.0)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # -- writing (the hub's Member protocol) --------------------------------------------
+    def write_frame(self, data: str | bytes, ch: str | None = None) -> None:
+        if self.closing:
+            return
+        if ch is not None and ch in self.backlog:
+            self.backlog[ch].append(data)
+            return
+        websockets.broadcast([self.ws], data)
+        if self.buffered() > self.settings.max_buffer:
+            self.slow_consumer()
+
+    def direct(self, ch: str) -> ServerConnection | None:
+        if self.closing or ch in self.backlog:
+            return None
+        return self.ws
+
+    def buffered(self) -> int:
+        transport = self.ws.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def slow_consumer(self) -> None:
+        if self.closing:
+            return
+        self.node.metrics.slow_consumers.inc()
+        self.close_soon(CloseCode.POLICY_VIOLATION, "slow consumer: unsent buffer too large")
+
+    def send(self, frame: dict[str, Any]) -> None:
+        data = encode(frame, self.fmt)
+        self.write_frame(data)
+        self.node.count_out(1, len(data))
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Stop writing and close in the background (never blocks the caller)."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_reason = reason
+        self.node.metrics.closes.labels(str(code)).inc()
+        self.node.background(self._close(code, reason))
+
+    async def _close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.ws.close(code, reason)
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve the connection until it closes; always cleans up."""
+        node = self.node
+        node.metrics.connections_opened.inc()
+        try:
+            if node.draining:
+                await self._refuse(CloseCode.SERVICE_RESTART, "server restarting")
+                return
+            if len(node.sessions) >= self.settings.max_connections:
+                await self._refuse(CloseCode.TRY_AGAIN_LATER, "overloaded, reconnect later")
+                return
+            if not await self._authenticate():
+                return
+            async for message in self.ws:
+                await self._on_frame(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._cleanup()
+
+    async def _refuse(self, code: int, reason: str) -> None:
+        self.closing = True
+        self.close_reason = reason
+        node = self.node
+        node.metrics.closes.labels(str(code)).inc()
+        await self.ws.close(code, reason)
+
+    async def _authenticate(self) -> bool:
+        """Wait for ``hello``, verify the token, register; False if the socket closed."""
+        try:
+            async with asyncio.timeout(self.settings.auth_timeout):
+                message = await self.ws.recv()
+        except TimeoutError:
+            await self._refuse(CloseCode.UNAUTHORIZED, "no hello in time")
+            return False
+        self.node.count_in(len(message))
+        try:
+            frame = decode(message, self.fmt)
+            request = parse_request(frame)
+            if not isinstance(request, Hello):
+                raise Unauthorized("the first frame must be hello")
+            header = self.ws.request.headers.get("Authorization") if self.ws.request else None
+            claims = self.node.auth.verify(request.token or bearer_token(header))
+        except PresenceError as exc:
+            log.info("auth_failed", conn=self.conn, reason=exc.message)
+            await self._refuse(CloseCode.UNAUTHORIZED, exc.message[:120])
+            return False
+        self.claims = claims
+        self.user = claims.user
+        count = await self.node.store.add_connection(self.node.node_id, self.user, self.conn)
+        self.registered = True
+        if count > self.settings.max_user_connections:
+            self.send(error_frame(LimitExceeded(
+                f"at most {self.settings.max_user_connections} connections per user"),
+                request.ref))
+            await self._refuse(CloseCode.POLICY_VIOLATION, "too many connections for this user")
+            return False
+        self.node.sessions.add(self)
+        self.node.metrics.connections.set(len(self.node.sessions))
+        welcome: dict[str, Any] = {
+            "t": "welcome",
+            "conn": self.conn,
+            "user": self.user,
+            "node": self.node.node_id,
+            "ping_interval": _num(self.settings.ping_interval),
+            "limits": {"max_channels": self._max_channels(), "max_frame": self.settings.max_frame},
+        }
+        if request.ref is not None:
+            welcome["ref"] = request.ref
+        self.send(welcome)
+        log.info("connection_open", conn=self.conn, user=self.user, role=claims.role,
+                 format=self.fmt.value)
+        return True
+
+    def _max_channels(self) -> int:
+        assert self.claims is not None
+        s = self.settings
+        return s.max_channels_paid if self.claims.tier == "paid" else s.max_channels_free
+
+    async def _cleanup(self) -> None:
+        node = self.node
+        was_member = self in node.sessions
+        node.sessions.discard(self)
+        node.metrics.connections.set(len(node.sessions))
+        for ch in list(self.churn_channels) + list(self.metas):
+            await node.unsubscribe(ch, self)
+        channels = list(self.metas)
+        self.metas.clear()
+        self.churn_channels.clear()
+        try:
+            await node.drop_presence(self.user, self.conn, channels, last=True)
+        except Exception as exc:
+            node.defer_removal(self.user, self.conn, channels)
+            log.warning("cleanup_deferred", conn=self.conn, error=type(exc).__name__)
+        if self.registered:
+            with contextlib.suppress(Exception):
+                await node.store.remove_connection(node.node_id, self.user, self.conn)
+        code = self.ws.close_code
+        if code is not None and not self.closing:
+            node.metrics.closes.labels(str(code)).inc()
+        if was_member:
+            log.info("connection_close", conn=self.conn, user=self.user, code=code,
+                     reason=self.close_reason or self.ws.close_reason or "")
+
+    async def drain(self, jitter: float) -> None:
+        """Node shutdown: remove our presence (leaves published), then close with 1012
+        and a reconnect hint of a random delay, so clients do not all return at once."""
+        channels = list(self.metas)
+        self.metas.clear()
+        with contextlib.suppress(Exception):
+            await self.node.drop_presence(self.user, self.conn, channels, last=True)
+        delay = random.uniform(0, jitter)
+        self.close_soon(CloseCode.SERVICE_RESTART, f"server restarting; reconnect in {delay:.1f}s")
+
+    # -- requests --------------------------------------------------------------------
+    async def _on_frame(self, message: str | bytes) -> None:
+        self.node.count_in(len(message))
+        if self.closing:
+            return
+        try:
+            frame = decode(message, self.fmt)
+        except MalformedFrame as exc:
+            self.malformed += 1
+            if self.malformed > self.settings.max_malformed:
+                self.close_soon(CloseCode.MALFORMED, "too many malformed frames")
+            else:
+                self._error(exc, None)
+            return
+        ref = parse_ref(frame)
+        try:
+            await self._dispatch(frame)
+        except PresenceError as exc:
+            self._error(exc, ref)
+        except BackendError as exc:
+            log.warning("backend_error", conn=self.conn, error=type(exc).__name__)
+            self._error(Overloaded("backend unavailable, retry later", retry_after=2.0), ref)
+        except ConnectionClosed:
+            raise
+        except Exception:
+            log.exception("request_failed", conn=self.conn)
+            self._error(InternalError("internal error"), ref)
+
+    def _error(self, exc: PresenceError, ref: int | None) -> None:
+        self.node.metrics.errors.labels(exc.code).inc()
+        if isinstance(exc, RateLimited | LimitExceeded):
+            self.node.metrics.rate_limited.labels(exc.code).inc()
+        self.send(error_frame(exc, ref))
+        if self.errors.hit(time.monotonic()) > 0:
+            self.close_soon(CloseCode.POLICY_VIOLATION, "too many errors")
+
+    async def _dispatch(self, frame: dict[str, Any]) -> None:
+        request = parse_request(frame)
+        if isinstance(request, Update):
+            await self._update(request)
+        elif isinstance(request, Join):
+            await self._join(request)
+        elif isinstance(request, Leave):
+            await self._leave(request)
+        elif isinstance(request, Ping):
+            self.send({"t": "pong", "ref": request.ref, "ts": now_ms()})
+        elif isinstance(request, Query):
+            await self._query(request)
+        else:
+            raise BadRequest("already authenticated: hello is only the first frame", field="t")
+
+    def _authorize(self, ch: str) -> None:
+        assert self.claims is not None
+        if is_churn(ch) and not self.claims.may_read_churn:
+            raise Forbidden(f"role {self.claims.role} may not join churn channels")
+        if not channel_allowed(ch, self.claims.channels):
+            raise Forbidden(f"token does not allow channel {ch}")
+
+    async def _join(self, req: Join) -> None:
+        ch = req.ch
+        self._authorize(ch)
+        node = self.node
+        joined = ch in self.metas or ch in self.churn_channels
+        if not joined:
+            if len(self.metas) + len(self.churn_channels) >= self._max_channels():
+                raise LimitExceeded(f"at most {self._max_channels()} channels per connection")
+            retry = node.join_limiter(self.user).hit(time.monotonic())
+            if retry > 0:
+                raise RateLimited(
+                    f"at most {self.settings.joins_per_minute} joins per minute",
+                    retry_after=retry,
+                )
+            node.check_backend()
+        reply: dict[str, Any] = {"t": "joined", "ref": req.ref, "ch": ch}
+        if is_churn(ch):
+            if not joined:
+                await self._enter(ch, None)
+            reply["churn"] = await node.churn_snapshot(ch)
+        else:
+            if not joined:
+                meta = new_meta(self.conn, self._defaults(req.meta), now_ms())
+                await self._enter(ch, meta)
+            presence = await node.channel_snapshot(ch)
+            reply["presence"] = {
+                u: [m.to_wire() for m in sorted(ms, key=lambda m: m.conn)]
+                for u, ms in sorted(presence.items())
+            }
+        self.send(reply)
+        self._release(ch)
+
+    def _defaults(self, patch: MetaPatch) -> MetaPatch:
+        """A join's meta inherits this connection's current status, device and note."""
+        cur = self.current
+        merged = MetaPatch(
+            status=patch.status if patch.status is not None else cur.status,
+            device=patch.device if patch.device is not None else cur.device,
+            note=patch.note if patch.note is not None else cur.note,
+        )
+        self.current = merged
+        return merged
+
+    async def _enter(self, ch: str, meta: Meta | None) -> None:
+        """Become a member of ``ch`` (diffs held back until :meth:`_release`)."""
+        self.backlog[ch] = []
+        try:
+            await self.node.subscribe(ch, self)
+            if meta is None:
+                self.churn_channels.add(ch)
+            else:
+                self.metas[ch] = meta
+                await self.node.put_presence(self.user, {ch: meta})
+        except BaseException:
+            self.backlog.pop(ch, None)
+            self.churn_channels.discard(ch)
+            if self.metas.pop(ch, None) is not None:
+                with contextlib.suppress(Exception):
+                    await self.node.drop_presence(self.user, self.conn, [ch], not self.metas)
+            await self.node.unsubscribe(ch, self)
+            raise
+
+    def _release(self, ch: str) -> None:
+        held = self.backlog.pop(ch, None)
+        for data in held or ():
+            self.write_frame(data, ch)
+            self.node.count_out(1, len(data))
+
+    async def _leave(self, req: Leave) -> None:
+        ch = req.ch
+        if ch in self.churn_channels:
+            self.churn_channels.discard(ch)
+            await self.node.unsubscribe(ch, self)
+        elif ch in self.metas:
+            del self.metas[ch]
+            await self.node.unsubscribe(ch, self)
+            await self.node.drop_presence(self.user, self.conn, [ch], last=not self.metas)
+        else:
+            raise NotJoined(f"not joined to {ch}")
+        self.send({"t": "left", "ref": req.ref, "ch": ch})
+
+    async def _update(self, req: Update) -> None:
+        retry = self.updates.take(time.monotonic())
+        if retry > 0:
+            raise RateLimited(
+                f"at most {_num(self.settings.updates_per_second)} updates per second",
+                retry_after=retry,
+            )
+        if not self.metas:
+            raise NotJoined("join a presence channel before updating")
+        self.node.check_backend()
+        patch = req.meta
+        self.current = MetaPatch(
+            status=patch.status if patch.status is not None else self.current.status,
+            device=patch.device if patch.device is not None else self.current.device,
+            note=patch.note if patch.note is not None else self.current.note,
+        )
+        changed = {ch: meta.patched(patch) for ch, meta in self.metas.items()}
+        self.metas.update(changed)
+        await self.node.put_presence(self.user, changed)
+        self.send({"t": "ok", "ref": req.ref})
+
+    async def _query(self, req: Query) -> None:
+        assert self.claims is not None
+        if self.claims.role not in QUERY_ROLES:
+            raise Forbidden(f"role {self.claims.role} may not query")
+        users = await self.node.query_users(req.users)
+        self.send({"t": "result", "ref": req.ref, "users": users})
+
+
+def _num(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value

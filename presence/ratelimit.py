@@ -1,0 +1,65 @@
+"""Rate limits as pure objects: the caller passes ``now`` (monotonic seconds)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` banked.
+
+    :meth:`take` returns 0.0 when a token was taken, else the seconds until one will be
+    available (the ``retry_after`` of a ``rate_limited`` error).
+    """
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> float:
+        elapsed = max(0.0, now - self.stamp)
+        self.stamp = now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+class SlidingWindow:
+    """At most ``limit`` events in any ``window`` seconds.
+
+    :meth:`hit` records an event and returns 0.0, or refuses it (recording nothing) and
+    returns the seconds until the oldest event leaves the window.
+    """
+
+    __slots__ = ("events", "limit", "window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self.events: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self.events and self.events[0] <= now - self.window:
+            self.events.popleft()
+
+    def hit(self, now: float) -> float:
+        self._expire(now)
+        if len(self.events) >= self.limit:
+            return self.events[0] + self.window - now
+        self.events.append(now)
+        return 0.0
+
+    def count(self, now: float) -> int:
+        self._expire(now)
+        return len(self.events)
+
+    def idle(self, now: float) -> bool:
+        """True when no event is left in the window (the object can be dropped)."""
+        self._expire(now)
+        return not self.events
