@@ -86,6 +86,10 @@ class Hub:
         first = channel is None
         if channel is None:
             channel = self.channels[ch] = Channel(ch)
+        elif channel.pending:
+            # Changes received so far predate the newcomer's snapshot: they are for the
+            # members already there.
+            self._flush(channel)
         channel.members.add(member)
         return first
 

@@ -47,6 +47,9 @@ from presence.ratelimit import SlidingWindow, TokenBucket
 
 log = structlog.get_logger("presence.session")
 
+CLOSE_TIMEOUT = 2.0
+"""Seconds a server-initiated close may take before the TCP connection is cut."""
+
 
 class Session:
     """The server side of one WebSocket connection."""
@@ -116,8 +119,14 @@ class Session:
         self.node.background(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            await self.ws.close(code, reason)
+        # websockets' close() drains the write buffer first, with no deadline: a client
+        # that stopped reading would keep the connection (and its buffer) forever.
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code, reason)
+        except Exception:
+            if self.ws.transport is not None:
+                self.ws.transport.abort()
 
     # -- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
@@ -137,6 +146,12 @@ class Session:
                 await self._on_frame(message)
         except ConnectionClosed:
             pass
+        except Exception:
+            # A bug or a backend failure outside any request: say so, do not hang.
+            log.exception("session_failed", conn=self.conn)
+            if not self.closing:
+                with contextlib.suppress(Exception):
+                    await self._refuse(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             await self._cleanup()
 
@@ -145,7 +160,7 @@ class Session:
         self.close_reason = reason
         node = self.node
         node.metrics.closes.labels(str(code)).inc()
-        await self.ws.close(code, reason)
+        await self._close(code, reason)
 
     async def _authenticate(self) -> bool:
         """Wait for ``hello``, verify the token, register; False if the socket closed."""
