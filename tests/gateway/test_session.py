@@ -166,9 +166,12 @@ async def test_update_applies_to_every_joined_channel(gateway: GatewayHandle) ->
     await b.update(note="Ceremony")
     got = set()
     while got != {"team:w1", "team:w2"}:
-        e = await a.wait_for(lambda e: "u2" in e["joins"])
-        assert e["joins"]["u2"][0]["note"] == "Ceremony"
+        e = await a.wait_for(
+            lambda e: e["joins"].get("u2", [{}])[0].get("note") == "Ceremony"
+        )
         got.add(e["ch"])
+    for ch in ("team:w1", "team:w2"):
+        assert a.mirror[ch].metas("u2")[0].note == "Ceremony"
 
 
 async def test_leave_and_disconnect_report_last_seen(gateway: GatewayHandle) -> None:
