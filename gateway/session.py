@@ -70,6 +70,7 @@ class Session:
         self.registered = False
         self.malformed = 0
         self.close_reason = ""
+        self.finished = asyncio.Event()  # set once the connection is cleaned up
         now = time.monotonic()
         s = self.settings
         self.updates = TokenBucket(s.updates_per_second, s.updates_burst, now)
@@ -238,6 +239,7 @@ class Session:
         if was_member:
             log.info("connection_close", conn=self.conn, user=self.user, code=code,
                      reason=self.close_reason or self.ws.close_reason or "")
+        self.finished.set()
 
     async def drain(self, jitter: float) -> None:
         """Node shutdown: remove our presence (leaves published), then close with 1012

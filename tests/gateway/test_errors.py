@@ -261,7 +261,6 @@ async def test_stuck_client_is_closed_and_memory_bounded(gateway_factory: Gatewa
     assert gw.node.metrics.slow_consumers._value.get() == 1
     # The buffer never grew far past the bound (one frame of slack per write).
     assert peak <= 64 * 1024 + 4096
-    async with asyncio.timeout(10):
-        while session in gw.node.sessions:
-            await asyncio.sleep(0.05)
+    await asyncio.wait_for(session.finished.wait(), 10)
+    assert session not in gw.node.sessions
     stuck.transport.abort()

@@ -150,8 +150,9 @@ async def test_update_seq_increments(gateway: GatewayHandle) -> None:
     seqs = []
     for status in ("away", "busy", "online"):
         await b.update(status=status)
-        diff = await a.wait_for(lambda e: "u2" in e["joins"] and e["joins"]["u2"][0]["status"]
-                                == status)
+        diff = await a.wait_for(
+            lambda e, s=status: "u2" in e["joins"] and e["joins"]["u2"][0]["status"] == s
+        )
         seqs.append(diff["joins"]["u2"][0]["seq"])
     assert seqs == [2, 3, 4]
     assert a.mirror["team:w1"].metas("u2")[0].seq == 4
