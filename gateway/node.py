@@ -81,6 +81,10 @@ class Node:
         self._ids = itertools.count(1)
         # A per-start prefix keeps connection ids unique even when --node-id is reused.
         self._id_prefix = f"{self.node_id}-{now_ms():x}"
+        # State in the Store is owned by this incarnation, not by the node id: a node
+        # restarted with the same id must not keep its previous life's metas alive
+        # by refreshing the same lease; survivors sweep the old incarnation.
+        self.owner = self._id_prefix
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[None]] = set()
         self._latencies: deque[float] = deque(maxlen=4096)
@@ -97,7 +101,7 @@ class Node:
         await self.store.start()
         await self.broker.start(self._on_message, self._on_gap)
         lease_ttl = self.settings.node_lease * 0.8
-        await self.store.refresh_lease(self.node_id, lease_ttl, now_ms())
+        await self.store.refresh_lease(self.owner, lease_ttl, now_ms())
         self._spawn(self._lease_loop(lease_ttl))
         self._spawn(self._sweep_loop())
         self._spawn(self._health_loop())
@@ -121,7 +125,7 @@ class Node:
                 await task
         self._tasks.clear()
         with contextlib.suppress(Exception):
-            await self.store.drop_lease(self.node_id)
+            await self.store.drop_lease(self.owner)
         with contextlib.suppress(Exception):
             await self.broker.close()
         with contextlib.suppress(Exception):
@@ -157,7 +161,7 @@ class Node:
     async def put_presence(self, user: str, metas: Mapping[str, Meta]) -> None:
         """Store a connection's metas (channel -> meta) and publish them as joins."""
         conn = next(iter(metas.values())).conn
-        await self.store.put_metas(self.node_id, user, conn, metas)
+        await self.store.put_metas(self.owner, user, conn, metas)
         ts = now_ms()
         await self.publish([(ch, encode_join(user, meta, ts)) for ch, meta in metas.items()])
 
@@ -168,7 +172,7 @@ class Node:
         if not channels:
             return
         ts = now_ms()
-        await self.store.remove_metas(self.node_id, user, conn, channels, ts, last)
+        await self.store.remove_metas(self.owner, user, conn, channels, ts, last)
         await self.publish([(ch, encode_leave(user, conn, ts, ts)) for ch in channels])
 
     async def publish(self, messages: list[tuple[str, bytes]]) -> None:
@@ -197,7 +201,7 @@ class Node:
         for user, conn, channels in pending:
             try:
                 await self.drop_presence(user, conn, channels, last=True)
-                await self.store.remove_connection(self.node_id, user, conn)
+                await self.store.remove_connection(self.owner, user, conn)
             except Exception:
                 self._deferred.append((user, conn, channels))
 
@@ -291,7 +295,7 @@ class Node:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.store.refresh_lease(self.node_id, ttl, now_ms())
+                await self.store.refresh_lease(self.owner, ttl, now_ms())
             except Exception as exc:
                 log.warning("lease_refresh_failed", error=type(exc).__name__)
 
@@ -309,7 +313,7 @@ class Node:
         now = now_ms()
         count = 0
         for node in await self.store.dead_nodes(now):
-            if node == self.node_id:
+            if node == self.owner:
                 continue
             swept = await self.store.sweep_node(node, now)
             if not swept:
@@ -329,7 +333,7 @@ class Node:
                 log.info("backend_recovered")
                 with contextlib.suppress(Exception):
                     await self.store.refresh_lease(
-                        self.node_id, self.settings.node_lease * 0.8, now_ms()
+                        self.owner, self.settings.node_lease * 0.8, now_ms()
                     )
                     await self.reassert_all()
                     await self.retry_removals()

@@ -185,7 +185,7 @@ class Session:
             return False
         self.claims = claims
         self.user = claims.user
-        count = await self.node.store.add_connection(self.node.node_id, self.user, self.conn)
+        count = await self.node.store.add_connection(self.node.owner, self.user, self.conn)
         self.registered = True
         if count > self.settings.max_user_connections:
             self.send(error_frame(LimitExceeded(
@@ -232,7 +232,7 @@ class Session:
             log.warning("cleanup_deferred", conn=self.conn, error=type(exc).__name__)
         if self.registered:
             with contextlib.suppress(Exception):
-                await node.store.remove_connection(node.node_id, self.user, self.conn)
+                await node.store.remove_connection(node.owner, self.user, self.conn)
         code = self.ws.close_code
         if code is not None and not self.closing:
             node.metrics.closes.labels(str(code)).inc()

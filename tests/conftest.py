@@ -10,6 +10,7 @@ import uvloop
 pytest_plugins = [
     "tests.fixtures.servers",
     "tests.fixtures.redis_cluster",
+    "tests.fixtures.processes",
 ]
 
 
