@@ -135,3 +135,51 @@ async def test_restarted_gateway_converges(spawn: Spawn) -> None:
     assert again.conn != old_conn
     snap = await (await g1.client("late")).join("team:restart")
     assert [m["conn"] for m in snap["presence"]["mo"]] == [again.conn]
+
+
+async def test_killed_redis_master_loses_no_member_and_leaves_no_ghost(
+    spawn: Spawn, redis_cluster_control: Any
+) -> None:
+    from cluster import keys
+
+    ctl = redis_cluster_control
+    ch = "team:failover"
+    g1, g2 = await spawn("f1"), await spawn("f2")
+    a = await g1.client("ann")
+    b = await g2.client("ben")
+    gone = await g2.client("gus")
+    for x in (a, b, gone):
+        await x.join(ch)
+    await until(lambda: users_of(a, ch) == {"ann", "ben", "gus"}, 5, "all joined")
+    # Kill the master holding the channel's topic and metas (same slot by hash tag).
+    master = ctl.master_of(keys.topic(ch))
+    assert ctl.master_of(keys.channel_metas(ch)) == master
+    ctl.kill(master)
+    try:
+        await ctl.wait_promoted(keys.topic(ch), master, timeout=30)
+        # Changes after the failover: one leaves, one updates, one newcomer joins.
+        await gone.close()
+        async with asyncio.timeout(30):
+            while True:  # writes may be refused (overloaded) until the node sees the map
+                try:
+                    await b.update(status="busy")
+                    break
+                except Exception:
+                    await asyncio.sleep(0.5)
+        c = await g1.client("cat")
+        await c.join(ch)
+        expected = {"ann", "ben", "cat"}
+
+        def settled() -> bool:
+            for client in (a, b, c):
+                if users_of(client, ch) != expected:
+                    return False
+            metas = a.mirror[ch].metas("ben")
+            return len(metas) == 1 and metas[0].status == "busy"
+
+        await until(settled, 30, "every mirror to settle after the failover")
+        snap = await (await g2.client("late")).join(ch)
+        assert set(snap["presence"]) == expected | {"late"}
+        assert [m["status"] for m in snap["presence"]["ben"]] == ["busy"]
+    finally:
+        await ctl.restore()
