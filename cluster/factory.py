@@ -8,7 +8,19 @@ from presence.settings import Settings
 
 
 def make_backend(settings: Settings) -> tuple[Broker, Store]:
-    """The memory pair by default; Redis (cluster or single) when configured."""
+    """The memory pair by default; Redis when configured: ``redis_cluster``
+    ("host:port,host:port" startup nodes) wins over ``redis_url`` (one plain Redis).
+
+    Broker and Store get separate connections (each owns and closes its own).
+    """
     if settings.redis_cluster or settings.redis_url:
-        raise NotImplementedError("the Redis backend is not built yet")
+        from cluster.redis_broker import RedisBroker
+        from cluster.redis_conn import RedisConfig
+        from cluster.redis_store import RedisStore
+
+        if settings.redis_cluster:
+            config = RedisConfig(cluster=settings.redis_cluster)
+        else:
+            config = RedisConfig(url=settings.redis_url)
+        return RedisBroker(config), RedisStore(config, settings.last_seen_days)
     return MemoryBroker(), MemoryStore(settings.last_seen_days)

@@ -1,0 +1,238 @@
+"""Connections to Redis shared by the Redis Store and Broker: one seam for both modes.
+
+A :class:`Topology` hides whether the backend is a Redis Cluster (``redis_cluster`` =
+``"host:port,host:port"`` startup nodes) or one plain Redis (``redis_url``): it gives
+the command client (``RedisCluster`` or ``Redis``, same command surface), the master
+that owns a key, a plain client per master (for pipelines and pub/sub connections),
+and a way to refresh the slot map after a failover.
+
+Every call is bounded in time (socket timeouts of a few seconds, and :func:`guarded`
+puts a deadline over the library's own retries) and every Redis or socket error comes
+out as :class:`~cluster.base.BackendUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from cluster.base import BackendUnavailable
+
+T = TypeVar("T")
+Addr = tuple[str, int]
+
+LUA_DIR = Path(__file__).with_name("lua")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Where Redis is and how long any one call may take (seconds)."""
+
+    cluster: str = ""
+    url: str = ""
+    socket_timeout: float = 2.0
+    connect_timeout: float = 2.0
+    op_timeout: float = 5.0
+    """Deadline of one Store/Broker call, retries included."""
+    ping_timeout: float = 1.0
+    """Deadline of one health check ping."""
+
+    def __post_init__(self) -> None:
+        if bool(self.cluster) == bool(self.url):
+            raise ValueError("exactly one of cluster and url must be set")
+
+
+def parse_nodes(spec: str) -> list[Addr]:
+    """``"h1:p1,h2:p2"`` -> ``[("h1", p1), ("h2", p2)]``; raises ValueError if malformed."""
+    out: list[Addr] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"bad Redis node {part!r}: expected host:port")
+        out.append((host, int(port)))
+    if not out:
+        raise ValueError("no Redis Cluster startup node given")
+    return out
+
+
+async def guarded(aw: Awaitable[T], timeout: float) -> T:
+    """Await ``aw`` with a deadline; Redis, socket and timeout errors become
+    :class:`BackendUnavailable`."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await aw
+    except BackendUnavailable:
+        raise
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise BackendUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+
+def execute(client: Any, *args: Any) -> Awaitable[Any]:
+    """``client.execute_command(*args)`` for either client type (typed loosely on
+    purpose: redis-py types the two classes' methods differently)."""
+    aw: Awaitable[Any] = client.execute_command(*args)
+    return aw
+
+
+def load_script(name: str) -> str:
+    """The text of ``cluster/lua/<name>.lua``."""
+    return (LUA_DIR / f"{name}.lua").read_text()
+
+
+def _retry() -> Retry:
+    # One quick retry at most: callers get BackendUnavailable fast and decide themselves.
+    return Retry(ExponentialBackoff(cap=0.2, base=0.02), 1)
+
+
+class Topology:
+    """The Redis deployment behind the backend (cluster or single), see module doc."""
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self._node_clients: dict[Addr, Redis] = {}
+        self.client: Redis | RedisCluster
+        self.cluster: RedisCluster | None = None
+        self._single: Addr | None = None
+        common: dict[str, Any] = {
+            "socket_timeout": config.socket_timeout,
+            "socket_connect_timeout": config.connect_timeout,
+            "socket_keepalive": True,
+            "health_check_interval": 10,
+            "retry": _retry(),
+        }
+        if config.cluster:
+            nodes = [ClusterNode(h, p) for h, p in parse_nodes(config.cluster)]
+            self.cluster = RedisCluster(startup_nodes=nodes, **common)
+            self.client = self.cluster
+        else:
+            u = urlparse(config.url)
+            self._single = (u.hostname or "127.0.0.1", u.port or 6379)
+            self.client = Redis.from_url(config.url, **common)
+            self._node_clients[self._single] = self.client
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.cluster is not None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a plain client to one node (timeouts, keepalive)."""
+        return {
+            "socket_timeout": self.config.socket_timeout,
+            "socket_connect_timeout": self.config.connect_timeout,
+            "socket_keepalive": True,
+            "retry": _retry(),
+        }
+
+    async def start(self) -> None:
+        if self.cluster is not None:
+            await guarded(self.cluster.initialize(), self.config.op_timeout)
+        else:
+            await self.command("PING")
+
+    async def close(self) -> None:
+        clients = list(self._node_clients.values())
+        if self.cluster is not None:
+            clients.append(self.client)  # type: ignore[arg-type]
+        self._node_clients.clear()
+        for c in clients:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(c.aclose(), self.config.op_timeout)
+
+    def owner(self, key: str) -> Addr:
+        """The master that owns ``key``'s slot, by the current map (may be stale)."""
+        if self.cluster is None:
+            assert self._single is not None
+            return self._single
+        try:
+            node = self.cluster.get_node_from_key(key)
+        except RedisError as exc:
+            raise BackendUnavailable(f"redis: no owner for {key!r}: {exc}") from exc
+        if node is None:
+            raise BackendUnavailable(f"redis: no owner for {key!r}")
+        return (node.host, int(node.port))
+
+    def masters(self) -> list[Addr]:
+        if self.cluster is None:
+            assert self._single is not None
+            return [self._single]
+        return sorted({(n.host, int(n.port)) for n in self.cluster.get_primaries()})
+
+    def node_client(self, addr: Addr) -> Redis:
+        """A plain client (with its own pool) to one master."""
+        c = self._node_clients.get(addr)
+        if c is None:
+            c = Redis(host=addr[0], port=addr[1], **self.client_kwargs())
+            self._node_clients[addr] = c
+        return c
+
+    async def refresh(self) -> None:
+        """Re-read the slot map (cluster); a no-op for a single Redis."""
+        if self.cluster is not None:
+            await guarded(self.cluster.nodes_manager.initialize(), self.config.op_timeout)
+
+    async def ping_all(self) -> bool:
+        """True when every master answers PING (and, in a cluster, reports
+        ``cluster_state:ok``) within ``ping_timeout``."""
+        async def one(addr: Addr) -> bool:
+            c = self.node_client(addr)
+            try:
+                await guarded(execute(c, "PING"), self.config.ping_timeout)
+                if self.cluster is not None:
+                    info = await guarded(
+                        execute(c, "CLUSTER INFO"), self.config.ping_timeout
+                    )
+                    if isinstance(info, dict):  # parsed by redis-py's callback
+                        state = info.get("cluster_state", info.get(b"cluster_state"))
+                        return state in ("ok", b"ok")
+                    text = info.decode() if isinstance(info, bytes) else str(info)
+                    return "cluster_state:ok" in text
+            except BackendUnavailable:
+                return False
+            return True
+
+        results = await asyncio.gather(*(one(a) for a in self.masters()))
+        return all(results)
+
+    async def command(self, *args: Any) -> Any:
+        """One command through the command client (routed by key in a cluster)."""
+        return await guarded(execute(self.client, *args), self.config.op_timeout)
+
+    async def eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script (all ``keys`` in one slot) with the command client."""
+        return await self.command("EVAL", script, len(keys), *keys, *args)
+
+    def pipeline(self) -> Any:
+        """A non-transactional pipeline of the command client (split per master in a
+        cluster and sent concurrently)."""
+        return self.client.pipeline(transaction=False)
+
+    async def run(self, pipe: Any) -> list[Any]:
+        """Execute ``pipe`` within the deadline; any failed command raises."""
+        result: list[Any] = await guarded(pipe.execute(), self.config.op_timeout)
+        return result
+
+
+__all__ = [
+    "Addr",
+    "BackendUnavailable",
+    "RedisConfig",
+    "Topology",
+    "execute",
+    "guarded",
+    "load_script",
+    "parse_nodes",
+]

@@ -1,0 +1,190 @@
+"""One sharded pub/sub connection to one Redis master, with its own reader task.
+
+redis-py 8.1's ``ClusterPubSub`` reading loop is slow and does not follow a failover
+(TECH-NOTES.md), so the broker keeps one plain ``redis.asyncio`` pub/sub connection per
+master instead. A :class:`NodeSubscriber` reads that connection in a loop
+(``get_message(timeout=1)``), hands every ``smessage`` to the broker, resolves the
+acknowledgements that :meth:`NodeSubscriber.subscribe` waits for, and reports the
+channels it lost:
+
+* all of them when the connection fails (``ConnectionError``, a read timeout, or no
+  ``pong`` to an idle-time PING within ``pong_timeout``: a frozen master);
+* one channel when the server pushes a ``sunsubscribe`` nobody asked for (its slot
+  moved, e.g. after a graceful failover).
+
+The library's own health checks are off on this connection on purpose: they would read
+from the socket from the caller's task while the reader task reads too. Liveness is the
+reader's idle PING instead; TCP keepalive is on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from cluster.base import BackendUnavailable
+from cluster.redis_conn import Addr, guarded
+
+OnMessage = Callable[[str, bytes], None]
+"""(pub/sub channel, payload)."""
+OnLost = Callable[["NodeSubscriber", frozenset[str]], None]
+"""(subscriber, pub/sub channels it no longer receives)."""
+
+IDLE_PING = 2.0
+PONG_TIMEOUT = 3.0
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class NodeSubscriber:
+    """Sharded subscriptions on one master; see the module docstring."""
+
+    def __init__(
+        self,
+        addr: Addr,
+        on_message: OnMessage,
+        on_lost: OnLost,
+        socket_timeout: float,
+        connect_timeout: float,
+        ack_timeout: float,
+    ) -> None:
+        self.addr = addr
+        self.channels: set[str] = set()
+        self.dead = False
+        self._on_message = on_message
+        self._on_lost = on_lost
+        self._ack_timeout = ack_timeout
+        self._client = Redis(
+            host=addr[0], port=addr[1], socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout, socket_keepalive=True,
+            health_check_interval=0, retry=Retry(NoBackoff(), 0),
+        )
+        self._pubsub: PubSub = self._client.pubsub(ignore_subscribe_messages=False)
+        self._acks: dict[str, asyncio.Future[None]] = {}
+        self._unsubscribing: set[str] = set()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channels: Iterable[str]) -> None:
+        """SSUBSCRIBE ``channels`` and return once the server acknowledged each.
+
+        Raises :class:`BackendUnavailable` (after marking itself dead) when the master
+        cannot be reached or does not answer within the ack timeout.
+        """
+        new = [c for c in channels if c not in self.channels]
+        if not new:
+            return
+        if self.dead:
+            raise BackendUnavailable(f"redis: subscriber {self.addr} is closed")
+        loop = asyncio.get_running_loop()
+        waits = []
+        for c in new:
+            self._unsubscribing.discard(c)
+            fut = self._acks.get(c)
+            if fut is None or fut.done():
+                fut = self._acks[c] = loop.create_future()
+            waits.append(fut)
+        self.channels.update(new)
+        try:
+            await guarded(self._pubsub.ssubscribe(*new), self._ack_timeout)
+            if self._reader is None:
+                self._reader = asyncio.create_task(self._read(), name=f"redis-sub-{self.addr}")
+            await guarded(asyncio.gather(*waits), self._ack_timeout)
+        except BackendUnavailable as exc:
+            self._fail(exc)
+            raise
+
+    async def unsubscribe(self, channels: Iterable[str]) -> None:
+        """SUNSUBSCRIBE ``channels`` (best effort: a dead connection drops them anyway)."""
+        gone = [c for c in channels if c in self.channels]
+        if not gone or self.dead:
+            self.channels.difference_update(gone)
+            return
+        self.channels.difference_update(gone)
+        self._unsubscribing.update(gone)
+        for c in gone:
+            fut = self._acks.pop(c, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
+        try:
+            await guarded(self._pubsub.sunsubscribe(*gone), self._ack_timeout)
+        except BackendUnavailable as exc:
+            self._fail(exc)
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_rx = loop.time()
+        ping_at: float | None = None
+        try:
+            while not self.dead:
+                msg = await self._pubsub.get_message(timeout=1.0)
+                now = loop.time()
+                if msg is None:
+                    if ping_at is None and now - last_rx >= IDLE_PING:
+                        await self._pubsub.ping()
+                        ping_at = now
+                    elif ping_at is not None and now - ping_at >= PONG_TIMEOUT:
+                        raise TimeoutError(f"no pong from {self.addr}")
+                    continue
+                last_rx, ping_at = now, None
+                self._handle(msg)
+        except asyncio.CancelledError:
+            raise
+        except (RedisError, OSError, TimeoutError, RuntimeError) as exc:
+            self._fail(exc)
+
+    def _handle(self, msg: dict[str, Any]) -> None:
+        kind = msg["type"]
+        if kind == "smessage":
+            channel = _str(msg["channel"])
+            if channel in self.channels:
+                self._on_message(channel, msg["data"])
+        elif kind == "ssubscribe":
+            fut = self._acks.pop(_str(msg["channel"]), None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif kind == "sunsubscribe":
+            channel = _str(msg["channel"])
+            if channel in self._unsubscribing:
+                self._unsubscribing.discard(channel)
+            elif channel in self.channels:
+                # Pushed by the server: the slot moved away from this master.
+                self.channels.discard(channel)
+                self._on_lost(self, frozenset((channel,)))
+
+    def _fail(self, exc: BaseException) -> None:
+        """Mark the connection dead and report every channel it carried, once."""
+        if self.dead:
+            return
+        self.dead = True
+        lost = frozenset(self.channels)
+        self.channels.clear()
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.set_exception(BackendUnavailable(f"redis: {self.addr}: {exc}"))
+                fut.exception()  # retrieved: nobody may be waiting any more
+        self._acks.clear()
+        self._on_lost(self, lost)
+
+    async def close(self) -> None:
+        """Stop the reader and close the connection; idempotent."""
+        self.dead = True
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await reader
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            pubsub: Any = self._pubsub  # redis-py leaves PubSub.aclose untyped
+            await asyncio.wait_for(pubsub.aclose(), 2.0)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await asyncio.wait_for(self._client.aclose(), 2.0)

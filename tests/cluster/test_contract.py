@@ -1,0 +1,349 @@
+"""One contract suite for every Broker/Store backend: memory, Redis Cluster, plain Redis.
+
+Each test gets a :class:`Backend` that makes brokers ("nodes") and stores sharing one
+backend; Redis backends are flushed before each test. Times are fake ``now`` values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import pytest
+import redis
+
+from cluster.base import Broker, Store, SweptMeta
+from cluster.memory import MemoryBroker, MemoryBus, MemoryStore
+from cluster.redis_broker import RedisBroker
+from cluster.redis_conn import RedisConfig, parse_nodes
+from cluster.redis_store import RedisStore
+from presence.churn import ChurnRecord, snapshot_order
+from presence.meta import Meta
+
+WAIT = 10.0
+DAY = 86_400_000
+
+
+class Inbox:
+    """Collects (topic, payload) and gap calls; waits on them with a deadline."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[str, bytes]] = []
+        self.gaps: list[list[str]] = []
+        self._changed = asyncio.Event()
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        self.got.append((topic, payload))
+        self._changed.set()
+
+    async def on_gap(self, topics: Sequence[str]) -> None:
+        self.gaps.append(list(topics))
+        self._changed.set()
+
+    def of(self, topic: str) -> list[bytes]:
+        return [p for t, p in self.got if t == topic]
+
+    async def until(self, pred: Callable[[], bool], timeout: float = WAIT) -> None:
+        async with asyncio.timeout(timeout):
+            while not pred():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+class Backend:
+    """Makes brokers and stores on one shared backend and closes them at the end."""
+
+    def __init__(self, kind: str, config: RedisConfig | None) -> None:
+        self.kind = kind
+        self.config = config
+        self.bus = MemoryBus()
+        self.memory_store = MemoryStore()
+        self._closers: list[Callable[[], Any]] = []
+
+    async def broker(self, inbox: Inbox | None = None) -> tuple[Broker, Inbox]:
+        inbox = inbox or Inbox()
+        b: Broker = MemoryBroker(self.bus) if self.config is None else RedisBroker(self.config)
+        await b.start(inbox.on_message, inbox.on_gap)
+        self._closers.append(b.close)
+        return b, inbox
+
+    async def store(self) -> Store:
+        if self.config is None:
+            return self.memory_store
+        s = RedisStore(self.config)
+        await s.start()
+        self._closers.append(s.close)
+        return s
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+
+
+def _flush(config: RedisConfig) -> None:
+    addrs = parse_nodes(config.cluster) if config.cluster else []
+    if config.url:
+        with redis.Redis.from_url(config.url) as c:
+            c.flushall()
+        return
+    for host, port in addrs:
+        with redis.Redis(host, port, socket_timeout=2) as c:
+            if c.execute_command("ROLE")[0] == b"master":
+                c.flushall()
+
+
+@pytest.fixture(params=["memory", "redis-cluster", "redis-single"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    config: RedisConfig | None = None
+    if request.param == "redis-cluster":
+        config = RedisConfig(cluster=request.getfixturevalue("redis_cluster"))
+    elif request.param == "redis-single":
+        config = RedisConfig(url=request.getfixturevalue("redis_single"))
+    if config is not None:
+        _flush(config)
+    b = Backend(request.param, config)
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def meta(conn: str, status: str = "online", seq: int = 1, since: int = 1000) -> Meta:
+    return Meta(conn=conn, status=status, device="web", note="", since=since, seq=seq)
+
+
+# -- Broker ------------------------------------------------------------------------
+async def test_self_delivery_and_per_topic_order(backend: Backend) -> None:
+    b, inbox = await backend.broker()
+    await b.subscribe("team:a")
+    await b.subscribe("team:b")
+    sent_a = [f"a{i}".encode() for i in range(100)]
+    sent_b = [f"b{i}".encode() for i in range(100)]
+    await b.publish([("team:a", p) for p in sent_a[:50]])
+    # Concurrent single publishes of one loop turn are batched: order must hold.
+    await asyncio.gather(*(b.publish([("team:a", a), ("team:b", bb)])
+                           for a, bb in zip(sent_a[50:], sent_b[:50], strict=True)))
+    for p in sent_b[50:]:
+        await b.publish([("team:b", p)])
+    await inbox.until(lambda: len(inbox.got) == 200)
+    assert inbox.of("team:a") == sent_a
+    assert inbox.of("team:b") == sent_b
+    assert await b.healthy()
+
+
+async def test_order_across_many_topics(backend: Backend) -> None:
+    b, inbox = await backend.broker()
+    topics = [f"team:w{i}" for i in range(24)]  # spread over every master's slots
+    for t in topics:
+        await b.subscribe(t)
+    await asyncio.gather(*(b.publish([(t, str(i).encode()) for t in topics])
+                           for i in range(20)))
+    await inbox.until(lambda: len(inbox.got) == 24 * 20)
+    for t in topics:
+        assert inbox.of(t) == [str(i).encode() for i in range(20)]
+
+
+async def test_subscribe_twice_is_a_noop(backend: Backend) -> None:
+    b, inbox = await backend.broker()
+    await b.subscribe("team:x")
+    await asyncio.gather(b.subscribe("team:x"), b.subscribe("team:x"))
+    await b.publish([("team:x", b"1"), ("team:x", b"end")])
+    await inbox.until(lambda: (("team:x", b"end") in inbox.got))
+    assert inbox.of("team:x") == [b"1", b"end"]
+
+
+async def test_unsubscribe_stops_delivery(backend: Backend) -> None:
+    b, inbox = await backend.broker()
+    await b.subscribe("team:gone")
+    await b.subscribe("team:kept")
+    await b.publish([("team:gone", b"before")])
+    await inbox.until(lambda: inbox.of("team:gone") == [b"before"])
+    await b.unsubscribe("team:gone")
+    await b.unsubscribe("team:never")  # unknown: ignored
+    await b.publish([("team:gone", b"after"), ("team:kept", b"sentinel")])
+    await inbox.until(lambda: inbox.of("team:kept") == [b"sentinel"])
+    assert inbox.of("team:gone") == [b"before"]
+    # and it can come back
+    await b.subscribe("team:gone")
+    await b.publish([("team:gone", b"again")])
+    await inbox.until(lambda: inbox.of("team:gone") == [b"before", b"again"])
+
+
+async def test_two_nodes_see_each_other(backend: Backend) -> None:
+    b1, in1 = await backend.broker()
+    b2, in2 = await backend.broker()
+    await b1.subscribe("team:shared")
+    await b2.subscribe("team:shared")
+    await b2.subscribe("team:only2")
+    await b1.publish([("team:shared", b"from1"), ("team:only2", b"x")])
+    await b2.publish([("team:shared", b"from2")])
+    await in1.until(lambda: len(in1.of("team:shared")) == 2)
+    await in2.until(lambda: len(in2.of("team:shared")) == 2 and in2.of("team:only2") == [b"x"])
+    assert in1.of("team:shared")[0] == b"from1"
+    assert set(in2.of("team:shared")) == {b"from1", b"from2"}
+    assert in1.of("team:only2") == []
+
+
+async def test_close_is_idempotent(backend: Backend) -> None:
+    b, _ = await backend.broker()
+    await b.subscribe("team:c")
+    await b.close()
+    await b.close()
+
+
+# -- Store: metas ------------------------------------------------------------------
+async def test_put_and_remove_metas(backend: Backend) -> None:
+    s = await backend.store()
+    await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1"), "team:b": meta("c1")})
+    await s.put_metas("n2", "u1", "c2", {"team:a": meta("c2", "busy")})
+    await s.put_metas("n2", "u2", "c3", {"team:a": meta("c3", "away")})
+    pres = await s.channel_presence("team:a")
+    assert {u: sorted(m, key=lambda x: x.conn) for u, m in pres.items()} == {
+        "u1": [meta("c1"), meta("c2", "busy")], "u2": [meta("c3", "away")]}
+    # replacing a meta
+    await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1", "away", seq=2)})
+    pres = await s.channel_presence("team:a")
+    assert sorted(pres["u1"], key=lambda x: x.conn)[0] == meta("c1", "away", seq=2)
+    await s.remove_metas("n1", "u1", "c1", ["team:a"], now=5000, last=False)
+    pres = await s.channel_presence("team:a")
+    assert [m.conn for m in pres["u1"]] == ["c2"]
+    assert (await s.channel_presence("team:b"))["u1"] == [meta("c1")]
+    await s.remove_metas("n1", "u1", "c1", ["team:b"], now=5000, last=True)
+    assert await s.channel_presence("team:b") == {}
+    assert await s.channel_presence("team:nobody") == {}
+
+
+async def test_user_presence_and_last_seen(backend: Backend) -> None:
+    s = await backend.store()
+    await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1"), "team:b": meta("c1", "busy")})
+    await s.put_metas("n1", "u1", "c2", {"team:a": meta("c2", "away")})
+    got = await s.user_presence(["u1", "ghost"])
+    assert sorted(got["u1"].metas, key=lambda m: m.conn) == [meta("c1", "busy"),
+                                                            meta("c2", "away")]
+    assert got["u1"].last_seen is None
+    assert got["ghost"].metas == () and got["ghost"].last_seen is None
+    await s.remove_metas("n1", "u1", "c1", ["team:a", "team:b"], now=7000, last=True)
+    got = await s.user_presence(["u1"])
+    assert got["u1"].metas == (meta("c2", "away"),)
+    assert got["u1"].last_seen == 7000
+    await s.remove_metas("n1", "u1", "c2", ["team:a"], now=8000, last=True)
+    got = await s.user_presence(["u1"])
+    assert got["u1"].metas == () and got["u1"].last_seen == 8000
+    assert await s.user_presence([]) == {}
+
+
+async def test_connection_counts_across_nodes(backend: Backend) -> None:
+    s1 = await backend.store()
+    s2 = await backend.store()
+    assert await s1.add_connection("n1", "u1", "c1") == 1
+    assert await s2.add_connection("n2", "u1", "c2") == 2
+    assert await s1.add_connection("n1", "u1", "c3") == 3
+    assert await s2.add_connection("n2", "u2", "c4") == 1
+    await s1.remove_connection("n1", "u1", "c1")
+    await s1.remove_connection("n1", "u1", "nope")
+    assert await s2.add_connection("n2", "u1", "c5") == 3
+
+
+# -- Store: leases and sweeping ------------------------------------------------------
+async def test_leases_and_dead_nodes(backend: Backend) -> None:
+    s = await backend.store()
+    await s.refresh_lease("n1", 15, now=1000)
+    await s.refresh_lease("n2", 15, now=1000)
+    await s.refresh_lease("idle", 15, now=1000)  # owns nothing: never reported
+    await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1")})
+    await s.add_connection("n2", "u2", "c2")
+    await s.put_metas("nolease", "u3", "c3", {"team:a": meta("c3")})
+    assert await s.dead_nodes(now=2000) == ["nolease"]
+    assert await s.dead_nodes(now=20_000) == ["n1", "n2", "nolease"]
+    await s.refresh_lease("n1", 15, now=10_000)
+    assert await s.dead_nodes(now=20_000) == ["n2", "nolease"]
+    # a clean stop: metas and connections removed, then the lease dropped
+    await s.remove_metas("n1", "u1", "c1", ["team:a"], now=21_000, last=True)
+    await s.drop_lease("n1")
+    assert await s.dead_nodes(now=30_000) == ["n2", "nolease"]
+    # dropping the lease of a node that still owns state makes it dead at once
+    await s.refresh_lease("n3", 15, now=30_000)
+    await s.add_connection("n3", "u4", "c4")
+    assert "n3" not in await s.dead_nodes(now=31_000)
+    await s.drop_lease("n3")
+    assert "n3" in await s.dead_nodes(now=31_000)
+
+
+async def test_sweep_node_exactly_once(backend: Backend) -> None:
+    stores = [await backend.store() for _ in range(3)]
+    s = stores[0]
+    await s.refresh_lease("dead", 15, now=1000)
+    await s.refresh_lease("live", 15, now=1000)
+    await s.add_connection("dead", "u1", "d1")
+    await s.add_connection("dead", "u2", "d2")
+    await s.add_connection("live", "u1", "l1")
+    await s.put_metas("dead", "u1", "d1", {"team:a": meta("d1"), "team:b": meta("d1")})
+    await s.put_metas("dead", "u2", "d2", {"team:a": meta("d2")})
+    await s.put_metas("live", "u1", "l1", {"team:a": meta("l1")})
+    await s.refresh_lease("live", 15, now=20_000)
+    assert await s.dead_nodes(now=20_000) == ["dead"]
+    # alive: nobody may sweep it
+    assert await s.sweep_node("live", now=20_000) is None
+    results = await asyncio.gather(*(st.sweep_node("dead", now=20_000) for st in stores))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1, results
+    assert sorted(winners[0], key=lambda m: (m.ch, m.user, m.conn)) == [
+        SweptMeta("team:a", "u1", "d1"), SweptMeta("team:a", "u2", "d2"),
+        SweptMeta("team:b", "u1", "d1")]
+    assert await s.sweep_node("dead", now=21_000) is None
+    assert await s.dead_nodes(now=21_000) == []
+    pres = await s.channel_presence("team:a")
+    assert list(pres) == ["u1"] and [m.conn for m in pres["u1"]] == ["l1"]
+    assert await s.channel_presence("team:b") == {}
+    users = await s.user_presence(["u1", "u2"])
+    assert users["u1"].metas == (meta("l1"),) and users["u1"].last_seen == 20_000
+    assert users["u2"].metas == () and users["u2"].last_seen == 20_000
+    # u1 keeps only its live connection
+    assert await s.add_connection("live", "u1", "l2") == 2
+
+
+async def test_sweep_of_a_node_that_came_back(backend: Backend) -> None:
+    s = await backend.store()
+    await s.refresh_lease("n", 15, now=1000)
+    await s.put_metas("n", "u", "c", {"team:a": meta("c")})
+    assert await s.dead_nodes(now=17_000) == ["n"]
+    await s.refresh_lease("n", 15, now=17_000)  # alive again before the sweep
+    assert await s.sweep_node("n", now=17_001) is None
+    assert "u" in await s.channel_presence("team:a")
+
+
+# -- Store: churn ------------------------------------------------------------------
+def rec(supplier: str, score: float, at: int = 1) -> ChurnRecord:
+    return ChurnRecord(supplier, score, "low", None, "m1", at, {"f": 0.5})
+
+
+async def test_churn_get_put_snapshot(backend: Backend) -> None:
+    s = await backend.store()
+    assert await s.churn_get("org1", ["a"]) == {}
+    assert await s.churn_snapshot("org1", 10) == []
+    await s.churn_put("org1", [rec("a", 0.5), rec("b", 0.9), rec("c", 0.5), rec("d", 0.1)])
+    await s.churn_put("org2", [rec("a", 0.99)])
+    await s.churn_put("org1", [rec("d", 0.95, at=2)])  # replaces d
+    got = await s.churn_get("org1", ["a", "d", "zz"])
+    assert got == {"a": rec("a", 0.5), "d": rec("d", 0.95, at=2)}
+    snap = await s.churn_snapshot("org1", 10)
+    assert [r.supplier for r in snap] == ["d", "b", "a", "c"]
+    assert snap[0] == rec("d", 0.95, at=2)
+    # the limit cuts through a tie by supplier id
+    assert [r.supplier for r in await s.churn_snapshot("org1", 3)] == ["d", "b", "a"]
+    assert await s.churn_snapshot("org1", 0) == []
+
+
+async def test_churn_snapshot_of_a_large_org(backend: Backend) -> None:
+    s = await backend.store()
+    records = [rec(f"s{i:04d}", (i * 37 % 1000) / 1000) for i in range(3000)]
+    await s.churn_put("big", records)
+    snap = await s.churn_snapshot("big", 500)
+    assert snap == snapshot_order(records, 500)
+    assert len(await s.churn_snapshot("big", 5000)) == 3000
+
+
+async def test_healthy(backend: Backend) -> None:
+    s = await backend.store()
+    assert await s.healthy()
