@@ -68,11 +68,22 @@ async def _serve(settings: Settings) -> None:
     from gateway.server import Gateway
 
     gateway = Gateway(settings)
-    await gateway.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Starting may wait for the backend; a signal meanwhile must still stop the process.
+    starting = asyncio.ensure_future(gateway.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+        await gateway.stop()
+        return
+    stopping.cancel()
+    starting.result()
     demo_task = None
     if settings.demo:
         from gateway.demo import run_demo

@@ -76,7 +76,7 @@ class Node:
         self.hub = Hub(settings.coalesce_ms, settings.max_buffer, self._on_flush, now_ms)
         self.sessions: set[Session] = set()
         self.draining = False
-        self.backend_ok = True
+        self.backend_ok = False  # until start() has reached the backend
         self.started_at = time.time()
         self._ids = itertools.count(1)
         # A per-start prefix keeps connection ids unique even when --node-id is reused.
@@ -98,8 +98,23 @@ class Node:
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        await self.store.start()
-        await self.broker.start(self._on_message, self._on_gap)
+        """Connect the backends (retrying, with backoff, until they answer: the process
+        stays alive and not ready meanwhile) and start the background duties."""
+        delay = 0.5
+        while True:
+            try:
+                await self.store.start()
+                await self.broker.start(self._on_message, self._on_gap)
+                break
+            except BackendError as exc:
+                self.backend_ok = False
+                self.metrics.backend_up.set(0)
+                log.warning("backend_unavailable_at_start", error=type(exc).__name__,
+                            retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.backend_ok = True
+        self.metrics.backend_up.set(1)
         lease_ttl = self.settings.node_lease * 0.8
         await self.store.refresh_lease(self.owner, lease_ttl, now_ms())
         self._spawn(self._lease_loop(lease_ttl))

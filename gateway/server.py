@@ -114,8 +114,13 @@ class Gateway:
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
     async def start(self) -> None:
+        """Admin API first (liveness answers while the backend is awaited), then the
+        node, then the public listener."""
         s = self.settings
+        await self._start_admin()
         await self.node.start()
+        if self.autoscaler is not None:
+            self.autoscaler.start()
         self.server = await serve(
             self._handler,
             s.host,
@@ -133,7 +138,6 @@ class Gateway:
         )
         sock = next(iter(self.server.sockets))
         self.port = sock.getsockname()[1]
-        await self._start_admin()
         log.info("listening", host=s.host, port=self.port, admin_port=self.admin_port,
                  node=self.node.node_id)
 
@@ -148,8 +152,6 @@ class Gateway:
         addresses = self.admin_runner.addresses
         if addresses:
             self.admin_port = int(addresses[0][1])
-        if self.autoscaler is not None:
-            self.autoscaler.start()
 
     async def drain(self) -> None:
         """SIGTERM: refuse new connections, publish our members' leaves, close every
