@@ -55,8 +55,9 @@ async def ready_status(http: aiohttp.ClientSession, gw: GatewayProcess) -> int:
 
 async def wait_ready(http: aiohttp.ClientSession, gw: GatewayProcess, want: int,
                      timeout: float = 20) -> None:
+    # Readiness lives in another process: polling its HTTP endpoint is the only signal.
     async with asyncio.timeout(timeout):
-        while await ready_status(http, gw) != want:
+        while await ready_status(http, gw) != want:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
 
 
