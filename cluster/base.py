@@ -139,8 +139,16 @@ class Store(Protocol):
         ...
 
     # -- node leases -------------------------------------------------------------
-    async def refresh_lease(self, node: str, ttl: float, now: int) -> None:
-        """Keep ``node`` alive until ``now + ttl`` seconds."""
+    async def refresh_lease(
+        self, node: str, ttl: float, now: int, connections: int = 0
+    ) -> None:
+        """Keep ``node`` alive until ``now + ttl`` seconds; ``connections`` is the
+        node's connection count, reported by :meth:`live_nodes`."""
+        ...
+
+    async def live_nodes(self, now: int) -> dict[str, int]:
+        """Nodes whose lease is alive at ``now``, with their last reported connection
+        count (cluster totals for the admin API and the autoscaler)."""
         ...
 
     async def drop_lease(self, node: str) -> None:

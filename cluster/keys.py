@@ -36,6 +36,9 @@ PREFIX = "presence:"
 REGISTRY = PREFIX + "nodes"
 """The node registry: the one key not tied to an entity (its own slot)."""
 
+LOADS = PREFIX + "{nodes}:loads"
+"""Hash node -> connection count reported with each lease refresh."""
+
 SLOTS = 16384
 
 

@@ -92,6 +92,7 @@ class MemoryStore:
         self._conn_node: dict[str, str] = {}
         self._last_seen: dict[str, int] = {}
         self._leases: dict[str, int] = {}
+        self._loads: dict[str, int] = {}
         self._churn: dict[str, dict[str, ChurnRecord]] = {}
 
     async def start(self) -> None:
@@ -179,11 +180,18 @@ class MemoryStore:
         }
 
     # -- leases ------------------------------------------------------------------
-    async def refresh_lease(self, node: str, ttl: float, now: int) -> None:
+    async def refresh_lease(
+        self, node: str, ttl: float, now: int, connections: int = 0
+    ) -> None:
         self._leases[node] = now + int(ttl * 1000)
+        self._loads[node] = connections
+
+    async def live_nodes(self, now: int) -> dict[str, int]:
+        return {n: self._loads.get(n, 0) for n, exp in sorted(self._leases.items()) if exp >= now}
 
     async def drop_lease(self, node: str) -> None:
         self._leases.pop(node, None)
+        self._loads.pop(node, None)
 
     async def dead_nodes(self, now: int) -> list[str]:
         owners = set(self._node_metas) | set(self._node_conns)
@@ -210,6 +218,7 @@ class MemoryStore:
             self._drop_from_index(user, conn)
             self._set_last_seen(user, now)
         self._leases.pop(node, None)
+        self._loads.pop(node, None)
         return swept
 
     # -- churn -------------------------------------------------------------------

@@ -163,13 +163,31 @@ class RedisStore:
         return out
 
     # -- leases ------------------------------------------------------------------
-    async def refresh_lease(self, node: str, ttl: float, now: int) -> None:
+    async def refresh_lease(
+        self, node: str, ttl: float, now: int, connections: int = 0
+    ) -> None:
         ttl_ms = max(1, int(ttl * 1000))
         expiry = now + ttl_ms
         pipe = self.redis.pipeline()
         pipe.execute_command("SET", keys.node_lease(node), expiry, "PX", ttl_ms)
         pipe.execute_command("ZADD", keys.REGISTRY, expiry, node)
+        pipe.execute_command("HSET", keys.LOADS, node, int(connections))
         await self.redis.run(pipe)
+
+    async def live_nodes(self, now: int) -> dict[str, int]:
+        raw = await self.redis.command("ZRANGEBYSCORE", keys.REGISTRY, now, "+inf")
+        nodes = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw or [])
+        if not nodes:
+            return {}
+        loads = await self.redis.command("HMGET", keys.LOADS, *nodes)
+        out = {n: _int(v) or 0 for n, v in zip(nodes, loads, strict=True)}
+        # Forget the figures of nodes that are gone (bounded hash).
+        stale = await self.redis.command("HKEYS", keys.LOADS)
+        gone = [k for k in (x.decode() if isinstance(x, bytes) else str(x) for x in stale or [])
+                if k not in out]
+        if gone:
+            await self.redis.command("HDEL", keys.LOADS, *gone)
+        return out
 
     async def drop_lease(self, node: str) -> None:
         await self.redis.command("DEL", keys.node_lease(node))
@@ -278,7 +296,7 @@ class RedisStore:
         for i in range(0, len(items), CHURN_CHUNK):
             args: list[Any] = []
             for r in items[i : i + CHURN_CHUNK]:
-                args += [r.supplier, repr(float(r.score)), _pack(r.to_wire())]
+                args += [r.supplier, repr(float(r.score)), _pack(r.to_store())]
             await self._eval("churn_put", [keys.churn_records(org), keys.churn_scores(org)],
                              args)
 

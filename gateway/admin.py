@@ -199,6 +199,36 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                                           if k.lower() == "allow"})
 
 
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Retry-After",
+}
+PREFLIGHT_HEADERS = {
+    **CORS_HEADERS,
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Max-Age": "600",
+}
+
+
+@web.middleware
+async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Let the dashboard (served by the public port: another origin) call this API.
+
+    Bearer tokens only, no cookies: allowing any origin gives a foreign page nothing it
+    could not do with a token it already holds. Preflights carry no token and get 204.
+    """
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(status=204, headers=PREFLIGHT_HEADERS)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers.update(CORS_HEADERS)
+        raise
+    response.headers.update(CORS_HEADERS)
+    return response
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok", "node": request.app[NODE_KEY].node_id})
 
@@ -261,7 +291,7 @@ def make_admin_app(node: AdminNode, autoscaler: Autoscaler | None = None) -> web
     Other modules add routes to the returned app (``app.router.add_post(...)``) before
     it starts, reading the node as ``request.app[NODE_KEY]``.
     """
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_cors, _errors])
     app[NODE_KEY] = node
     if autoscaler is not None:
         app[AUTOSCALER_KEY] = autoscaler

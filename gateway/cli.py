@@ -115,7 +115,9 @@ def _dev_secret(settings: Settings) -> Settings:
         "presence: no PRESENCE_JWT_SECRET set; generated a development secret for this run.\n"
         f"  export PRESENCE_JWT_SECRET={secret}\n"
         f"  dev token (user demo, role admin, all channels, 24 h):\n  {token}\n"
-        f"  dashboard: http://{settings.host}:{settings.port}/dashboard#token={token}",
+        f"  dashboard: http://{settings.host}:{settings.port}/dashboard#token={token}"
+        f"&admin=http://{settings.admin_host}:{settings.admin_port}"
+        + ("&team=team:w1&org=acme" if settings.demo else ""),
         file=sys.stderr, flush=True,
     )
     return settings

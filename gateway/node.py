@@ -310,7 +310,7 @@ class Node:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.store.refresh_lease(self.owner, ttl, now_ms())
+                await self.store.refresh_lease(self.owner, ttl, now_ms(), len(self.sessions))
             except Exception as exc:
                 log.warning("lease_refresh_failed", error=type(exc).__name__)
 
@@ -411,8 +411,19 @@ class Node:
         }
 
     async def cluster_stats(self) -> dict[str, Any]:
-        """Cluster-wide figures the Store can tell (live nodes with a lease)."""
-        return {"backend": type(self.store).__name__}
+        """Cluster-wide figures from the nodes' leases: live nodes and connections
+        (each node's count as of its last lease refresh, this node's as of now)."""
+        try:
+            loads = await self.store.live_nodes(now_ms())
+        except Exception as exc:
+            return {"backend": type(self.store).__name__, "error": type(exc).__name__}
+        loads[self.owner] = len(self.sessions)
+        return {
+            "backend": type(self.store).__name__,
+            "nodes": len(loads),
+            "connections": sum(loads.values()),
+            "per_node": loads,
+        }
 
     def check_backend(self) -> None:
         """Refuse work early while the backend is known to be down."""

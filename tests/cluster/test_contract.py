@@ -270,6 +270,19 @@ async def test_leases_and_dead_nodes(backend: Backend) -> None:
     assert "n3" in await s.dead_nodes(now=31_000)
 
 
+async def test_live_nodes_report_connections(backend: Backend) -> None:
+    s = await backend.store()
+    await s.refresh_lease("a", 15, now=1000, connections=7)
+    await s.refresh_lease("b", 15, now=1000, connections=3)
+    await s.refresh_lease("c", 1, now=1000)
+    assert await s.live_nodes(now=1500) == {"a": 7, "b": 3, "c": 0}
+    assert await s.live_nodes(now=5000) == {"a": 7, "b": 3}
+    await s.refresh_lease("a", 15, now=5000, connections=9)
+    await s.drop_lease("b")
+    assert await s.live_nodes(now=6000) == {"a": 9}
+    assert await s.live_nodes(now=30_000) == {}
+
+
 async def test_sweep_node_exactly_once(backend: Backend) -> None:
     stores = [await backend.store() for _ in range(3)]
     s = stores[0]

@@ -1,0 +1,167 @@
+"""``POST /v1/churn``: churn-risk scores in, ``churn`` events out (PROTOCOL.md).
+
+:func:`ingest_churn` is the whole effect of one validated request: read the previous
+record of every supplier, compute each new record and whether it is worth publishing
+(:func:`presence.churn.next_record`), store the new records, then publish ONE broker
+message on ``churn:<org>`` holding the records worth publishing.
+
+Which score "moved by at least ``churn_min_delta``" is measured from: the last
+*published* score of the supplier, not the last stored one. Measured from the last
+stored score, a score drifting by 0.04 per call would never be published until it
+crossed a band threshold, and subscribers would keep a value ever further from the
+truth; measured from the last published one, the drift is published once it adds up
+to ``churn_min_delta``, so what subscribers hold is never more than ``churn_min_delta``
+from the stored score. The baseline travels with the stored record
+(``ChurnRecord.published_score``, set by :func:`presence.churn.next_record`, persisted
+by the stores, never sent to clients), so this function only stores what
+``next_record`` returns. A band change is always published, so the band of the stored
+record is always the band last published.
+
+Ordering: the records are stored first, then published, as presence updates are, so
+that a client joining at any moment either reads the new records in its snapshot or
+receives them in the event. If the publication fails, the published suppliers'
+previous records are put back, so that retrying the same body publishes them again
+(a supplier seen for the first time stays stored: the Store has no delete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from cluster.base import BackendUnavailable, Broker, Store
+from gateway.admin import require_role
+from gateway.auth import INGEST_ROLES
+from presence.churn import ChurnRecord, next_record
+from presence.churn_ingest import IngestRequest, parse_ingest
+from presence.errors import BadRequest
+from presence.messages import encode_churn
+from presence.settings import Settings
+
+__all__ = ["MAX_BODY", "ChurnNode", "add_churn_routes", "ingest_churn"]
+
+MAX_BODY = 1024 * 1024
+"""Largest accepted request body, in bytes (1,000 records with 32 factors fit easily)."""
+
+
+class ChurnNode(Protocol):
+    """What the route needs of the gateway node."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def broker(self) -> Broker: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+
+async def ingest_churn(
+    store: Store, broker: Broker, settings: Settings, req: IngestRequest, now: int
+) -> dict[str, int]:
+    """Store the request's records and publish those worth it; return the counts
+    ``{"accepted": n, "published": p, "unchanged": n - p}``.
+
+    Raises :class:`cluster.base.BackendUnavailable` when the Store or the Broker cannot
+    be reached (nothing is published then; see the module docstring for what is kept).
+    """
+    suppliers = [s.supplier for s in req.scores]
+    previous = await store.churn_get(req.org, suppliers)
+    records: list[ChurnRecord] = []
+    published: list[ChurnRecord] = []
+    for s in req.scores:
+        record, publish = next_record(
+            previous.get(s.supplier),
+            s.supplier,
+            s.score,
+            s.factors,
+            s.model,
+            now,
+            settings.churn_thresholds,
+            settings.churn_min_delta,
+        )
+        records.append(record)
+        if publish:
+            published.append(record)
+    await store.churn_put(req.org, records)
+    if published:
+        try:
+            await broker.publish([(req.channel, encode_churn(published, now))])
+        except BackendUnavailable:
+            restore = [previous[r.supplier] for r in published if r.supplier in previous]
+            if restore:
+                # The publication's error is the one to report.
+                with contextlib.suppress(BackendUnavailable):
+                    await store.churn_put(req.org, restore)
+            raise
+    n = len(records)
+    return {"accepted": n, "published": len(published), "unchanged": n - len(published)}
+
+
+def _error(status: int, code: str, message: str, field: str | None = None,
+           headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"error": code, "message": message, "field": field}, status=status, headers=headers
+    )
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request body, refusing (BadRequest) more than :data:`MAX_BODY` bytes."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def add_churn_routes(app: web.Application, node: ChurnNode) -> None:
+    """Register ``POST /v1/churn`` (service or admin token) on the admin ``app``.
+
+    Replies: 200 with the counts of :func:`ingest_churn`; 400
+    ``{"error": "bad_request", "message": ..., "field": ...}`` for a body that is not
+    JSON, is larger than 1 MiB or breaks a rule of :mod:`presence.churn_ingest`
+    (nothing stored); 401/403 from :func:`gateway.admin.require_role`; 503
+    ``{"error": "overloaded", ...}`` with ``Retry-After`` when the backend is down.
+    """
+
+    async def post_churn(request: web.Request) -> web.StreamResponse:
+        require_role(request, INGEST_ROLES)
+        try:
+            raw = await _read_body(request)
+            try:
+                # NaN and Infinity are not JSON, whatever Python's json accepts.
+                body: Any = json.loads(raw, parse_constant=_reject_constant)
+            except (ValueError, RecursionError):
+                raise BadRequest("the body is not valid JSON") from None
+            req = parse_ingest(body)
+        except BadRequest as exc:
+            return _error(400, exc.code, exc.message, exc.field)
+        try:
+            counts = await ingest_churn(node.store, node.broker, node.settings, req, _now_ms())
+        except BackendUnavailable:
+            return _error(503, "overloaded", "the backend is unavailable, retry later",
+                          headers={"Retry-After": "1"})
+        return web.json_response(counts)
+
+    app.router.add_post("/v1/churn", post_churn)
