@@ -7,7 +7,8 @@ from fnmatch import fnmatchcase
 
 from presence.errors import BadRequest
 
-CHANNEL_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,127}$")
+# fullmatch, not match + "$": "$" also matches before a trailing newline.
+CHANNEL_RE = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,127}")
 CHURN_PREFIX = "churn:"
 
 
@@ -15,7 +16,7 @@ def validate_channel(name: object, field: str = "ch") -> str:
     """Return ``name`` if it is a valid channel name, else raise :class:`BadRequest`."""
     if not isinstance(name, str):
         raise BadRequest(f"{field} must be a string", field=field)
-    if not CHANNEL_RE.match(name):
+    if not CHANNEL_RE.fullmatch(name):
         raise BadRequest(
             f"{field} must match ^[a-z0-9][a-z0-9_.:-]{{0,127}}$", field=field
         )

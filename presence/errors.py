@@ -18,6 +18,7 @@ Close codes live in :class:`CloseCode`; nothing else in the code base spells num
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 
 
@@ -98,5 +99,6 @@ def error_frame(err: PresenceError, ref: int | None) -> dict[str, object]:
     frame: dict[str, object] = {"t": "error", "ref": ref, "code": err.code, "message": err.message}
     retry_after = getattr(err, "retry_after", None)
     if retry_after is not None:
-        frame["retry_after"] = round(float(retry_after), 3)
+        # Rounded up: a client that waits exactly this long must not be refused again.
+        frame["retry_after"] = math.ceil(float(retry_after) * 1000) / 1000
     return frame

@@ -86,10 +86,10 @@ def parse_request(frame: dict[str, Any]) -> Request:
         raise BadRequest("ref must be an integer", field="ref")
     ref = parse_ref(frame)
     if t == "join":
-        return Join(ref, validate_channel(frame.get("ch")), parse_patch(frame.get("meta")))
+        raw_meta = frame.get("meta")
+        patch = MetaPatch() if raw_meta is None else parse_patch(raw_meta)
+        return Join(ref, validate_channel(frame.get("ch")), patch)
     if t == "update":
-        if "meta" not in frame:
-            raise BadRequest("meta is required", field="meta")
         return Update(ref, parse_patch(frame.get("meta")))
     if t == "leave":
         return Leave(ref, validate_channel(frame.get("ch")))

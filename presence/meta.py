@@ -84,8 +84,6 @@ def new_meta(conn: str, patch: MetaPatch | None, now: int) -> Meta:
 
 def parse_patch(raw: object, field: str = "meta") -> MetaPatch:
     """Validate a client's ``meta`` map; raise :class:`BadRequest` naming the bad field."""
-    if raw is None:
-        return MetaPatch()
     if not isinstance(raw, dict):
         raise BadRequest(f"{field} must be a map", field=field)
     status = raw.get("status")

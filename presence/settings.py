@@ -9,6 +9,7 @@ construction; a bad one raises :class:`SettingsError` naming the setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -72,6 +73,11 @@ class AutoscaleSettings:
             raise SettingsError("autoscale.min_replicas must be >= 1 and <= max_replicas")
         if self.connections_per_node <= 0:
             raise SettingsError("autoscale.connections_per_node must be positive")
+        for name in ("interval", "cooldown"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"autoscale.{name} must be positive")
+        if not 0 <= self.buffer <= 10:
+            raise SettingsError("autoscale.buffer must lie in [0, 10]")
         if not 0 < self.memory_target <= self.memory_max <= 1:
             raise SettingsError("autoscale.memory_target <= memory_max must lie in (0, 1]")
 
@@ -130,15 +136,21 @@ class Settings:
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"{name} must be a TCP port (0-65535)")
         for name in ("auth_timeout", "ping_interval", "ping_timeout", "node_lease"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be positive")
         for name in ("max_frame", "max_buffer", "max_connections", "max_user_connections",
                      "max_channels_free", "max_channels_paid", "joins_per_minute",
                      "updates_burst"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
-        if self.updates_per_second <= 0:
+        if not self.updates_per_second > 0:
             raise SettingsError("updates_per_second must be positive")
+        for name in ("max_errors_per_minute", "max_malformed", "last_seen_days"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be at least 1")
+        for name in ("drain_timeout", "reconnect_jitter"):
+            if not getattr(self, name) >= 0:
+                raise SettingsError(f"{name} must not be negative")
         if not 0 <= self.coalesce_ms <= 100:
             raise SettingsError("coalesce_ms must lie in 0..100 (PROTOCOL.md caps it at 100)")
         if self.jwt_algorithm not in ("HS256", "RS256", "ES256"):
@@ -157,6 +169,14 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
+def float_or(value: Any, default: float = 0.0) -> float:
+    """``float(value)``, or ``default`` when it is not a number (the cast reports it)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
 def _cast(name: str, tp: Any, value: Any) -> Any:
     """Cast a TOML or environment value to the annotated type ``tp``."""
     origin = typing.get_origin(tp)
@@ -168,6 +188,10 @@ def _cast(name: str, tp: Any, value: Any) -> Any:
             return value.lower() in ("1", "true", "yes", "on")
         raise SettingsError(f"{name} must be a boolean, got {value!r}")
     if tp in (int, float, str):
+        if tp is not str and isinstance(value, bool):  # int(True) == 1: refuse it
+            raise SettingsError(f"{name} must be {tp.__name__}, got {value!r}")
+        if tp is float and isinstance(value, str | float) and not math.isfinite(float_or(value)):
+            raise SettingsError(f"{name} must be a finite number, got {value!r}")
         try:
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -238,6 +262,8 @@ def load_settings(
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SettingsError(f"config file {config_file}: {exc}") from None
     env_values = _env_values(os.environ if env is None else env)
+    if not isinstance(merged.get("autoscale", {}), dict):
+        raise SettingsError("autoscale must be a table")
     auto = dict(merged.get("autoscale", {}))
     auto.update(env_values.pop("autoscale", {}))
     merged.update(env_values)
