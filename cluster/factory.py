@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cluster.base import Broker, Store
+from cluster.engagement import EngagementStore, MemoryEngagement
 from cluster.memory import MemoryBroker, MemoryStore
 from presence.settings import Settings
 
@@ -24,3 +25,17 @@ def make_backend(settings: Settings) -> tuple[Broker, Store]:
             config = RedisConfig(url=settings.redis_url)
         return RedisBroker(config), RedisStore(config, settings.last_seen_days)
     return MemoryBroker(), MemoryStore(settings.last_seen_days)
+
+
+def make_engagement(settings: Settings) -> EngagementStore:
+    """The engagement store the settings ask for: memory by default, Redis with the
+    same ``redis_cluster`` / ``redis_url`` settings as :func:`make_backend` (its own
+    connections)."""
+    if settings.redis_cluster or settings.redis_url:
+        from cluster.engagement_redis import RedisEngagement
+        from cluster.redis_conn import RedisConfig
+
+        if settings.redis_cluster:
+            return RedisEngagement(RedisConfig(cluster=settings.redis_cluster))
+        return RedisEngagement(RedisConfig(url=settings.redis_url))
+    return MemoryEngagement()

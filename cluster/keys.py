@@ -4,24 +4,27 @@ Every key starts with ``presence:`` and carries a hash tag (``{...}``) so that a
 of one entity live in one Redis Cluster slot, which lets a Lua script touch them
 atomically:
 
-====================================  ==============================================
-key                                   holds
-====================================  ==============================================
-``presence:ch:{<ch>}:metas``          hash ``user\\0conn`` -> msgpack [user, node, meta]
-``presence:ch:{<ch>}:bus``            the sharded pub/sub channel of topic ``<ch>``
-``presence:user:{<u>}:conns``         hash conn -> node (the user's live connections)
-``presence:user:{<u>}:index``         hash conn -> msgpack meta (last meta put per conn)
-``presence:user:{<u>}:seen``          last-seen ms, expires after ``last_seen_days``
-``presence:node:{<n>}:lease``         lease expiry ms (PX ttl)
-``presence:node:{<n>}:metas``         set of msgpack [ch, user, conn] the node owns
-``presence:node:{<n>}:conns``         set of msgpack [user, conn] the node owns
-``presence:node:{<n>}:sweep:metas``   the metas set, renamed there by a sweeper's claim
-``presence:node:{<n>}:sweep:conns``   the conns set, likewise
-``presence:node:{<n>}:sweep:lock``    the claiming sweeper's token (PX)
-``presence:nodes``                    zset node -> lease expiry ms (the registry)
-``presence:churn:{<org>}:records``    hash supplier -> msgpack record
-``presence:churn:{<org>}:scores``     zset supplier -> score
-====================================  ==============================================
+======================================  ==============================================
+key                                     holds
+======================================  ==============================================
+``presence:ch:{<ch>}:metas``            hash ``user\\0conn`` -> msgpack [user, node, meta]
+``presence:ch:{<ch>}:bus``              the sharded pub/sub channel of topic ``<ch>``
+``presence:user:{<u>}:conns``           hash conn -> node (the user's live connections)
+``presence:user:{<u>}:index``           hash conn -> msgpack meta (last meta put per conn)
+``presence:user:{<u>}:seen``            last-seen ms, expires after ``last_seen_days``
+``presence:user:{<u>}:online:<day>``    engagement: bitmap, bit m = online in minute m
+``presence:user:{<u>}:sessions:<day>``  engagement: connections opened that day
+``presence:user:{<u>}:devices``         engagement: hash device -> last used ms
+``presence:node:{<n>}:lease``           lease expiry ms (PX ttl)
+``presence:node:{<n>}:metas``           set of msgpack [ch, user, conn] the node owns
+``presence:node:{<n>}:conns``           set of msgpack [user, conn] the node owns
+``presence:node:{<n>}:sweep:metas``     the metas set, renamed there by a sweeper's claim
+``presence:node:{<n>}:sweep:conns``     the conns set, likewise
+``presence:node:{<n>}:sweep:lock``      the claiming sweeper's token (PX)
+``presence:nodes``                      zset node -> lease expiry ms (the registry)
+``presence:churn:{<org>}:records``      hash supplier -> msgpack record
+``presence:churn:{<org>}:scores``       zset supplier -> score
+======================================  ==============================================
 
 Tag contents are escaped (``%`` -> ``%25``, ``{`` -> ``%7B``, ``}`` -> ``%7D``) so that
 a name containing braces can neither end its tag early nor leave it empty, and names
@@ -84,6 +87,22 @@ def user_index(user: str) -> str:
 
 def user_seen(user: str) -> str:
     return _tag("user", user) + ":seen"
+
+
+def user_online(user: str, day: str) -> str:
+    """Engagement bitmap of ``user`` for UTC ``day`` (YYYY-MM-DD): 1440 bits, one per
+    minute (see :mod:`presence.engagement`)."""
+    return _tag("user", user) + f":online:{day}"
+
+
+def user_sessions(user: str, day: str) -> str:
+    """Engagement counter: connections ``user`` opened on UTC ``day``."""
+    return _tag("user", user) + f":sessions:{day}"
+
+
+def user_devices(user: str) -> str:
+    """Engagement hash: device name -> last used ms (at most 20 fields)."""
+    return _tag("user", user) + ":devices"
 
 
 def node_lease(node: str) -> str:

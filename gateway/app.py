@@ -1,4 +1,5 @@
-"""Assembly of the admin HTTP application: the admin API, churn ingest, the autoscaler."""
+"""Assembly of the admin HTTP application: the admin API, churn ingest, engagement
+signals, the autoscaler."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from aiohttp import web
 from cluster.autoscaler import Autoscaler, make_sampler
 from gateway.admin import make_admin_app, metrics_on_decision
 from gateway.churn_api import add_churn_routes
+from gateway.engagement_api import add_engagement_routes
 from gateway.node import Node
 
 
@@ -20,4 +22,5 @@ def build_admin(node: Node) -> tuple[web.Application, Autoscaler | None]:
         )
     app = make_admin_app(node, autoscaler)
     add_churn_routes(app, node)
+    add_engagement_routes(app, node)
     return app, autoscaler

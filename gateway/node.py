@@ -15,12 +15,14 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from cluster.base import BackendUnavailable, Broker, Store
+from cluster.engagement import EngagementStore
+from cluster.factory import make_engagement
 from gateway.auth import Authenticator
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
@@ -66,7 +68,8 @@ def rss_bytes() -> int:
 class Node:
     """One gateway process's shared machinery (see the module docstring)."""
 
-    def __init__(self, settings: Settings, broker: Broker, store: Store) -> None:
+    def __init__(self, settings: Settings, broker: Broker, store: Store,
+                 engagement: EngagementStore | None = None) -> None:
         self.settings = settings
         self.node_id = settings.node_id or secrets.token_hex(4)
         self.broker = broker
@@ -95,6 +98,11 @@ class Node:
         self._join_limits: dict[str, SlidingWindow] = {}
         # Removals that failed while the backend was down, retried when it returns.
         self._deferred: list[tuple[str, str, list[str]]] = []
+        # Engagement signals for the churn model (see the "engagement" section below).
+        # ``clock_ms`` dates them; tests replace it to script whole days.
+        self.engagement = engagement if engagement is not None else make_engagement(settings)
+        self.clock_ms: Callable[[], int] = now_ms
+        self._engagement_pending: set[asyncio.Future[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -105,6 +113,7 @@ class Node:
             try:
                 await self.store.start()
                 await self.broker.start(self._on_message, self._on_gap)
+                await self.engagement.start()
                 break
             except BackendError as exc:
                 self.backend_ok = False
@@ -121,6 +130,7 @@ class Node:
         self._spawn(self._sweep_loop())
         self._spawn(self._health_loop())
         self._spawn(self._lag_loop())
+        self._spawn(self._engagement_loop())
         log.info("node_started", node=self.node_id, backend=type(self.store).__name__)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -139,6 +149,10 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.engagement_flush(), 2.0)
+        with contextlib.suppress(Exception):
+            await self.engagement.close()
         with contextlib.suppress(Exception):
             await self.store.drop_lease(self.owner)
         with contextlib.suppress(Exception):
@@ -370,6 +384,49 @@ class Node:
             self.metrics.loop_lag.set(self._loop_lag)
             self._rates.append((time.monotonic(), self._frames_in, self._frames_out))
 
+    # -- engagement signals (presence/engagement.py) --------------------------------
+    # Written in the background: a slow or failing backend must never delay or break
+    # a connection, so failures are only logged (the figures then miss a sample).
+    def engagement_opened(self, user: str) -> None:
+        """A connection of ``user`` opened (called after its welcome): count a session
+        and mark the user online for the current minute."""
+        now = self.clock_ms()
+        self._engagement_write("opened", self._engagement_opened(user, now))
+
+    async def _engagement_opened(self, user: str, now: int) -> None:
+        await self.engagement.record_session(user, now)
+        await self.engagement.mark_online([user], now)
+
+    def engagement_device(self, user: str, device: str) -> None:
+        """A join or update of ``user`` carried ``device``."""
+        self._engagement_write(
+            "device", self.engagement.record_device(user, device, self.clock_ms()))
+
+    def _engagement_write(self, what: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(_logged(what, coro))
+        self._engagement_pending.add(task)
+        task.add_done_callback(self._engagement_pending.discard)
+
+    async def engagement_flush(self) -> None:
+        """Wait until the engagement writes started so far are done (or failed)."""
+        while self._engagement_pending:
+            await asyncio.gather(*self._engagement_pending)
+
+    async def engagement_tick(self) -> int:
+        """Mark every user with a local connection online for the current minute (one
+        batched call); returns the number of users marked."""
+        users = sorted({s.user for s in self.sessions})
+        if users:
+            await _logged("tick", self.engagement.mark_online(users, self.clock_ms()))
+        return len(users)
+
+    async def _engagement_loop(self) -> None:
+        while True:
+            # Wake just after each wall-clock minute begins: a plain 60 s period drifts
+            # and now and then would skip a minute of a user connected all along.
+            await asyncio.sleep(60.5 - time.time() % 60)
+            await self.engagement_tick()
+
     # -- accounting ------------------------------------------------------------------
     def _on_flush(self, frames: int, nbytes: int, latency: float) -> None:
         self.count_out(frames, nbytes)
@@ -429,6 +486,14 @@ class Node:
         """Refuse work early while the backend is known to be down."""
         if not self.backend_ok:
             raise Overloaded("backend unavailable, retry later", retry_after=2.0)
+
+
+async def _logged(what: str, aw: Awaitable[None]) -> None:
+    """Await an engagement write; log (never raise) its failure."""
+    try:
+        await aw
+    except Exception as exc:
+        log.warning("engagement_write_failed", what=what, error=type(exc).__name__)
 
 
 BackendError = (BackendUnavailable, ConnectionError, OSError, asyncio.TimeoutError)

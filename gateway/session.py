@@ -206,6 +206,7 @@ class Session:
         if request.ref is not None:
             welcome["ref"] = request.ref
         self.send(welcome)
+        self.node.engagement_opened(self.user)  # engagement: a session, online now
         log.info("connection_open", conn=self.conn, user=self.user, role=claims.role,
                  format=self.fmt.value)
         return True
@@ -340,6 +341,8 @@ class Session:
             }
         self.send(reply)
         self._release(ch)
+        if req.meta.device is not None:  # engagement: devices used
+            self.node.engagement_device(self.user, req.meta.device)
 
     def _defaults(self, patch: MetaPatch) -> MetaPatch:
         """A join's meta inherits this connection's current status, device and note."""
@@ -410,6 +413,8 @@ class Session:
         self.metas.update(changed)
         await self.node.put_presence(self.user, changed)
         self.send({"t": "ok", "ref": req.ref})
+        if patch.device is not None:  # engagement: devices used
+            self.node.engagement_device(self.user, patch.device)
 
     async def _query(self, req: Query) -> None:
         assert self.claims is not None

@@ -374,7 +374,7 @@ def test_join_message_round_trip(user: str, meta: Meta, ts: int) -> None:
 
 
 ANY = st.recursive(
-    st.none() | st.booleans() | st.integers() .filter(lambda i: -(2**63) <= i < 2**64)
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
                                                                 max_size=3),

@@ -1,0 +1,138 @@
+"""The engagement port on Redis (Cluster or single), keys in :mod:`cluster.keys`.
+
+Per user (all keys hash-tagged ``{<user>}``, so one user's keys share a slot):
+
+* ``presence:user:{u}:online:<day>``: a 1440-bit bitmap; ``SETBIT`` of the minute.
+  Idempotent, so every node may mark its users every minute and two devices or two
+  nodes of one user count once. Online minutes = ``BITCOUNT``.
+* ``presence:user:{u}:sessions:<day>``: a counter, ``INCR`` at each connection opened.
+  One key per day (not one hash per user) so that each day expires on its own: Redis
+  7.0 has no per-field expiry, and a per-user hash would keep days of users who never
+  skip one.
+* ``presence:user:{u}:devices``: hash device -> last used ms, trimmed to
+  :data:`~presence.engagement.MAX_DEVICES` by a script (below).
+
+Every key of a day gets ``PEXPIREAT`` :func:`~presence.engagement.expire_at_ms` of that
+day; the devices hash expires :data:`~presence.engagement.RETENTION_DAYS` days after
+its last write. Writes are single round trips: ``mark_online`` sends every user's
+``SETBIT`` + ``PEXPIREAT`` in one non-transactional pipeline (split per master and
+sent concurrently in a cluster), in chunks of :data:`CHUNK` users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cluster import keys
+from cluster.redis_conn import RedisConfig, Topology, load_script
+from presence.engagement import (
+    DAY_MS,
+    MAX_DEVICES,
+    RETENTION_DAYS,
+    WINDOW_DAYS,
+    RawEngagement,
+    day_key,
+    expire_at_ms,
+    minute_index,
+    normalize_device,
+    window_days,
+)
+
+__all__ = ["CHUNK", "DEVICE_SCRIPT", "RedisEngagement"]
+
+CHUNK = 500
+"""Users per pipeline (bounds one round trip's size)."""
+
+DEVICE_SCRIPT = load_script("engagement_device")
+"""Record one device use and evict the least recently used beyond the bound."""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisEngagement:
+    """:class:`~cluster.engagement.EngagementStore` on Redis; ``config`` names a
+    cluster or a single server (its own connections, as Store and Broker have)."""
+
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self.redis = Topology(config)
+
+    async def start(self) -> None:
+        await self.redis.start()
+
+    async def close(self) -> None:
+        await self.redis.close()
+
+    async def record_session(self, user: str, now: int) -> None:
+        day = day_key(now)
+        key = keys.user_sessions(user, day)
+        pipe = self.redis.pipeline()
+        pipe.execute_command("INCR", key)
+        pipe.execute_command("PEXPIREAT", key, expire_at_ms(day))
+        await self.redis.run(pipe)
+
+    async def mark_online(self, users: Sequence[str], now: int) -> None:
+        day, minute = day_key(now), minute_index(now)
+        expire = expire_at_ms(day)
+        unique = list(dict.fromkeys(users))
+        for i in range(0, len(unique), CHUNK):
+            pipe = self.redis.pipeline()
+            for user in unique[i : i + CHUNK]:
+                key = keys.user_online(user, day)
+                pipe.execute_command("SETBIT", key, minute, 1)
+                pipe.execute_command("PEXPIREAT", key, expire)
+            await self.redis.run(pipe)
+
+    async def record_device(self, user: str, device: str, now: int) -> None:
+        name = normalize_device(device)
+        if name is None:
+            return
+        expire = now + RETENTION_DAYS * DAY_MS
+        await self.redis.eval(DEVICE_SCRIPT, [keys.user_devices(user)],
+                              [name, now, MAX_DEVICES, expire])
+
+    async def engagement(
+        self, users: Sequence[str], now: int, days: int = WINDOW_DAYS
+    ) -> dict[str, RawEngagement]:
+        window = window_days(now, days)
+        unique = list(dict.fromkeys(users))
+        out: dict[str, RawEngagement] = {}
+        # Per user: one MGET of the session counters (one slot), one BITCOUNT per
+        # day, one HGETALL; chunked so that a pipeline stays a few thousand commands.
+        per_user = 2 + len(window)
+        step = max(1, CHUNK * 4 // per_user)
+        for i in range(0, len(unique), step):
+            chunk = unique[i : i + step]
+            pipe = self.redis.pipeline()
+            for user in chunk:
+                pipe.execute_command("MGET", *(keys.user_sessions(user, d) for d in window))
+                for d in window:
+                    pipe.execute_command("BITCOUNT", keys.user_online(user, d))
+                pipe.execute_command("HGETALL", keys.user_devices(user))
+            replies = await self.redis.run(pipe)
+            for n, user in enumerate(chunk):
+                part = replies[n * per_user : (n + 1) * per_user]
+                counts, bits, devices = part[0], part[1:-1], part[-1]
+                out[user] = RawEngagement(
+                    online_minutes={d: int(b) for d, b in zip(window, bits, strict=True) if b},
+                    sessions={
+                        d: int(c) for d, c in zip(window, counts, strict=True) if c is not None
+                    },
+                    devices=_devices(devices),
+                )
+        return {user: out[user] for user in users}
+
+
+def _devices(reply: Any) -> dict[str, int]:
+    items = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2],
+                                                              strict=True)
+    return {_text(k): int(v) for k, v in items}
+
+
+if TYPE_CHECKING:
+    from cluster.engagement import EngagementStore
+
+    _redis_conforms: EngagementStore = RedisEngagement(RedisConfig(url="redis://x"))
