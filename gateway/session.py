@@ -70,14 +70,32 @@ class Session:
         self.registered = False
         self.malformed = 0
         self.close_reason = ""
-        self.finished = asyncio.Event()  # set once the connection is cleaned up
+        self._finished: asyncio.Event | None = None
+        self._done = False
         now = time.monotonic()
         s = self.settings
         self.updates = TokenBucket(s.updates_per_second, s.updates_burst, now)
-        self.errors = SlidingWindow(s.max_errors_per_minute, 60.0)
+        # Created on the first error: most connections never make one (memory per
+        # connection is a target, and a deque costs ~600 bytes).
+        self.errors: SlidingWindow | None = None
+
+    __slots__ = (
+        "_done", "_finished", "backlog", "churn_channels", "claims", "close_reason",
+        "closing", "conn", "current", "errors", "fmt", "malformed", "metas", "node",
+        "registered", "settings", "updates", "user", "ws",
+    )
 
     def __hash__(self) -> int:
         return id(self)
+
+    @property
+    def finished(self) -> asyncio.Event:
+        """Set once the connection is cleaned up (made on demand: tests and drains)."""
+        if self._finished is None:
+            self._finished = asyncio.Event()
+            if self._done:
+                self._finished.set()
+        return self._finished
 
     # -- writing (the hub's Member protocol) --------------------------------------------
     def write_frame(self, data: str | bytes, ch: str | None = None) -> None:
@@ -185,6 +203,13 @@ class Session:
             return False
         self.claims = claims
         self.user = claims.user
+        # The handshake's headers (~2.5 KB a connection) are not needed past
+        # authentication; websockets keeps them only for the application's use (the
+        # request object itself must stay: websockets reads "no request" as "handshake
+        # not done").
+        if self.ws.request is not None:
+            self.ws.request.headers.clear()
+        self.ws.response = None
         count = await self.node.store.add_connection(self.node.owner, self.user, self.conn)
         self.registered = True
         if count > self.settings.max_user_connections:
@@ -240,7 +265,9 @@ class Session:
         if was_member:
             log.info("connection_close", conn=self.conn, user=self.user, code=code,
                      reason=self.close_reason or self.ws.close_reason or "")
-        self.finished.set()
+        self._done = True
+        if self._finished is not None:
+            self._finished.set()
 
     async def drain(self, jitter: float) -> None:
         """Node shutdown: remove our presence (leaves published), then close with 1012
@@ -285,6 +312,8 @@ class Session:
         if isinstance(exc, RateLimited | LimitExceeded):
             self.node.metrics.rate_limited.labels(exc.code).inc()
         self.send(error_frame(exc, ref))
+        if self.errors is None:
+            self.errors = SlidingWindow(self.settings.max_errors_per_minute, 60.0)
         if self.errors.hit(time.monotonic()) > 0:
             self.close_soon(CloseCode.POLICY_VIOLATION, "too many errors")
 
