@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-import websockets
+from websockets.asyncio.connection import broadcast
 
 from presence.codec import Format, encode
 from presence.diff import PendingDiff
@@ -75,6 +75,7 @@ class Hub:
         self.coalesce = coalesce_ms / 1000.0
         self.max_buffer = max_buffer
         self.channels: dict[str, Channel] = {}
+        self._members = 0  # running count: summing over channels per join is quadratic
         # on_flush(frames written, bytes written, propagation seconds) feeds the metrics.
         self.on_flush = on_flush
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
@@ -90,7 +91,9 @@ class Hub:
             # Changes received so far predate the newcomer's snapshot: they are for the
             # members already there.
             self._flush(channel)
-        channel.members.add(member)
+        if member not in channel.members:
+            channel.members.add(member)
+            self._members += 1
         return first
 
     def remove(self, ch: str, member: Member) -> bool:
@@ -98,7 +101,9 @@ class Hub:
         channel = self.channels.get(ch)
         if channel is None:
             return False
-        channel.members.discard(member)
+        if member in channel.members:
+            channel.members.discard(member)
+            self._members -= 1
         if channel.members:
             return False
         if channel.flush_handle is not None:
@@ -111,7 +116,7 @@ class Hub:
         return channel.members if channel is not None else set()
 
     def member_count(self) -> int:
-        return sum(len(c.members) for c in self.channels.values())
+        return self._members
 
     # -- presence changes ----------------------------------------------------------
     def seed(self, ch: str, presence: dict[str, list[Meta]]) -> None:
@@ -168,38 +173,48 @@ class Hub:
         if not pending:
             return
         channel.pending = PendingDiff()
+        name = channel.name
         own = pending.conns()
-        shared: dict[Format, str | bytes] = {}
-        frame: dict[str, Any] | None = None
-        groups: dict[Format, list[Member]] = {}
-        for member in self._writable(channel.members):
+        limit = self.max_buffer
+        direct: dict[Format, list[Any]] = {}
+        indirect: list[Member] = []
+        # One pass over the members: the slow-consumer check reads the transport's
+        # buffer directly (this loop is the fan-out hot path).
+        for member in tuple(channel.members):
             if member.conn in own:
-                personal = pending.frame(channel.name, exclude=member.conn)
+                if member.buffered() > limit:
+                    member.slow_consumer()
+                    continue
+                personal = pending.frame(name, exclude=member.conn)
                 if personal is not None:
-                    self._count(1, _write(member, encode(personal, member.fmt), channel.name))
+                    self._count(1, _write(member, encode(personal, member.fmt), name))
                 continue
-            groups.setdefault(member.fmt, []).append(member)
+            ws = member.direct(name)
+            if ws is None:
+                indirect.append(member)  # waiting for its joined reply, or closing
+                continue
+            transport = ws.transport
+            if transport is not None and transport.get_write_buffer_size() > limit:
+                member.slow_consumer()
+                continue
+            direct.setdefault(member.fmt, []).append(ws)
         frames = 0
         nbytes = 0
-        for fmt, members in groups.items():
-            if frame is None:
-                frame = pending.frame(channel.name)
-                if frame is None:
-                    break
-            data = shared.get(fmt)
-            if data is None:
+        frame = pending.frame(name) if direct or indirect else None
+        if frame is not None:
+            shared: dict[Format, str | bytes] = {}
+            for fmt, sockets in direct.items():
                 data = shared[fmt] = encode(frame, fmt)
-            sockets = []
-            for member in members:
-                ws = member.direct(channel.name)
-                if ws is None:
-                    member.write_frame(data, channel.name)
-                else:
-                    sockets.append(ws)
-            # One library call writes the same frame to many sockets, skipping closed ones.
-            websockets.broadcast(sockets, data)
-            frames += len(members)
-            nbytes += len(data) * len(members)
+                # One library call writes the same frame to many sockets.
+                broadcast(sockets, data)
+                frames += len(sockets)
+                nbytes += len(data) * len(sockets)
+            for member in indirect:
+                data = shared.get(member.fmt) or shared.setdefault(
+                    member.fmt, encode(frame, member.fmt))
+                member.write_frame(data, name)
+                frames += 1
+                nbytes += len(data)
         if self.on_flush is not None and pending.ts is not None:
             self.on_flush(frames, nbytes, max(0.0, (self.clock_ms() - pending.ts) / 1000.0))
 

@@ -135,6 +135,9 @@ class Gateway:
             ping_timeout=s.ping_timeout,
             close_timeout=2,
             server_header=None,
+            # asyncio's default of 100 overflows under a reconnect storm: clients then
+            # wait for SYN retransmits (1 s, 3 s, 7 s ...).
+            backlog=s.listen_backlog,
         )
         sock = next(iter(self.server.sockets))
         self.port = sock.getsockname()[1]

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import structlog
-import websockets
+from websockets.asyncio.connection import broadcast
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -104,7 +104,7 @@ class Session:
         if ch is not None and ch in self.backlog:
             self.backlog[ch].append(data)
             return
-        websockets.broadcast([self.ws], data)
+        broadcast([self.ws], data)
         if self.buffered() > self.settings.max_buffer:
             self.slow_consumer()
 

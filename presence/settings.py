@@ -104,6 +104,7 @@ class Settings:
     max_frame: int = 4096
     max_buffer: int = 512 * 1024
     max_connections: int = 20000
+    listen_backlog: int = 2048
     drain_timeout: float = 10.0
     reconnect_jitter: float = 5.0
     # quotas
@@ -139,6 +140,7 @@ class Settings:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"{name} must be positive")
         for name in ("max_frame", "max_buffer", "max_connections", "max_user_connections",
+                     "listen_backlog",
                      "max_channels_free", "max_channels_paid", "joins_per_minute",
                      "updates_burst"):
             if getattr(self, name) < 1:
