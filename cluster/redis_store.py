@@ -68,6 +68,11 @@ class RedisStore:
             for name in ("conn_add", "user_leave", "user_sweep", "sweep_claim",
                          "sweep_done", "registry_prune", "churn_put", "churn_snapshot")
         }
+        # Ownership records this process has written, per node: an update of a meta
+        # already owned skips that round trip (it was half the cost of an update).
+        # Each lease refresh writes them all again, so ownership lost in a failover
+        # (asynchronous replication) comes back within one refresh interval.
+        self._owned: dict[str, set[bytes]] = {}
 
     async def start(self) -> None:
         await self.redis.start()
@@ -101,11 +106,15 @@ class RedisStore:
     async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta]) -> None:
         if not metas:
             return
-        pipe = self.redis.pipeline()
-        owned = [_pack([ch, user, conn]) for ch in metas]
-        pipe.execute_command("SADD", keys.node_metas(node), *owned)
-        pipe.execute_command("ZADD", keys.REGISTRY, "NX", 0, node)
-        await self.redis.run(pipe)
+        known = self._owned.setdefault(node, set())
+        owned = [k for k in (_pack([ch, user, conn]) for ch in metas) if k not in known]
+        if owned:
+            # Ownership first: a crash between the two steps leaves no unowned entry.
+            pipe = self.redis.pipeline()
+            pipe.execute_command("SADD", keys.node_metas(node), *owned)
+            pipe.execute_command("ZADD", keys.REGISTRY, "NX", 0, node)
+            await self.redis.run(pipe)
+            known.update(owned)
         pipe = self.redis.pipeline()
         field = keys.meta_field(user, conn)
         last: Meta | None = None
@@ -133,6 +142,7 @@ class RedisStore:
         if channels:
             owned = [_pack([ch, user, conn]) for ch in channels]
             await self.redis.command("SREM", keys.node_metas(node), *owned)
+            self._owned.get(node, set()).difference_update(owned)
 
     async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:
         raw = await self.redis.command("HGETALL", keys.channel_metas(ch))
@@ -172,6 +182,9 @@ class RedisStore:
         pipe.execute_command("SET", keys.node_lease(node), expiry, "PX", ttl_ms)
         pipe.execute_command("ZADD", keys.REGISTRY, expiry, node)
         pipe.execute_command("HSET", keys.LOADS, node, int(connections))
+        owned = list(self._owned.get(node, ()))
+        for i in range(0, len(owned), 1000):
+            pipe.execute_command("SADD", keys.node_metas(node), *owned[i : i + 1000])
         await self.redis.run(pipe)
 
     async def live_nodes(self, now: int) -> dict[str, int]:
@@ -190,6 +203,7 @@ class RedisStore:
         return out
 
     async def drop_lease(self, node: str) -> None:
+        self._owned.pop(node, None)
         await self.redis.command("DEL", keys.node_lease(node))
         owns = await self.redis.command(
             "EXISTS", keys.node_metas(node), keys.node_conns(node)
@@ -234,6 +248,7 @@ class RedisStore:
         score = await self.redis.command("ZSCORE", keys.REGISTRY, node)
         if score is not None and float(score) >= now:
             return None
+        self._owned.pop(node, None)  # its ownership records are about to go
         token = uuid.uuid4().hex
         claimed = await self._eval(
             "sweep_claim",
