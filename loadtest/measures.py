@@ -1,0 +1,304 @@
+"""The bench's measurements, one function each; every one starts and stops its servers.
+
+Each returns a JSON-able dict. Sizes come from :class:`Sizes` (``--quick`` shrinks them).
+Every run is bounded: connect phases by ``Job.connect_timeout``, schedules by their
+summed durations, servers by ``try/finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from loadtest import procs
+from loadtest.stats import summary
+from loadtest.wsload import Conn, Job, run_clients, split
+
+
+@dataclass
+class Sizes:
+    procs: int = 2
+    idle_conns: int = 10_000
+    prop_clients: int = 2_000
+    prop_rate: float = 1_000.0
+    team: int = 20
+    duration: float = 10.0
+    warmup: float = 2.0
+    fanout_members: tuple[int, ...] = (250, 500, 1_000)
+    fanout_publishers: int = 20
+    fanout_duration: float = 5.0
+    peer_clients: int = 1_000
+    peer_rates: tuple[float, ...] = (250.0, 500.0, 1_000.0, 2_000.0, 4_000.0)
+    peer_step: float = 4.0
+    cluster_port: int = 7300
+    acceptance_users: int = 2_000
+    acceptance_duration: float = 60.0
+
+
+QUICK = Sizes(procs=2, idle_conns=500, prop_clients=200, prop_rate=100.0, duration=4.0,
+              warmup=1.0, fanout_members=(100, 200), fanout_publishers=5,
+              fanout_duration=3.0, peer_clients=200, peer_rates=(100.0, 400.0), peer_step=3.0,
+              acceptance_users=100, acceptance_duration=15.0)
+
+
+def team_conns(prefix: str, n: int, team: int, senders: bool = True) -> list[Conn]:
+    """``n`` distinct users, ``team`` per channel ``team:<prefix>-<k>``."""
+    return [Conn(f"{prefix}-u{i}", f"team:{prefix}-{i // team}", senders) for i in range(n)]
+
+
+def _connect_info(ready: list[dict[str, Any]]) -> dict[str, Any]:
+    connected = sum(r["connected"] for r in ready)
+    failures: dict[str, int] = {}
+    for r in ready:
+        for k, v in r["failures"].items():
+            failures[k] = failures.get(k, 0) + v
+    t0 = min(r["t0"] for r in ready)
+    t1 = max(r["t1"] for r in ready)
+    times = [t for r in ready for t in r["connect_ms"]]
+    return {"connected": connected, "failures": failures,
+            "connect_rate": connected / max(t1 - t0, 1e-6),
+            "connect_ms": summary(times)}
+
+
+def _merge_step(results: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    steps = [r["steps"][step] for r in results]
+    lat = [x for s in steps for x in s["latencies"]]
+    return {"frames": sum(s["frames"] for s in steps), "diffs": sum(s["diffs"] for s in steps),
+            "bytes": sum(s["bytes"] for s in steps),
+            "entries": sum(s["entries"] for s in steps), "sent": sum(s["sent"] for s in steps),
+            "latency_ms": summary(lat), "samples": lat}
+
+
+def measure_idle(sz: Sizes) -> dict[str, Any]:
+    """(1) connections held and server RSS per idle connection; (2) connect rate.
+
+    Two runs: ``hello`` only, and ``hello`` + ``join`` of a 20-member team channel (the
+    real idle client). At most ``procs x 40`` connects are in flight: the gateway's
+    listen backlog is asyncio's default of 100, and a burst above it costs SYN
+    retransmits (1 s, 3 s, ...) that would measure the kernel, not the gateway.
+    """
+    out: dict[str, Any] = {}
+    for variant, join in (("hello", False), ("join", True)):
+        out[variant] = _idle_run(sz, join)
+    j = out["join"]
+    return {**j, "hello_only": out["hello"],
+            "note": "connected: hello + join of one 20-member team channel"}
+
+
+def _idle_run(sz: Sizes, join: bool) -> dict[str, Any]:
+    gw = procs.start_gateway(env={"PRESENCE_MAX_CONNECTIONS": str(sz.idle_conns + 1000)})
+    box: dict[str, Any] = {}
+    try:
+        rss0 = procs.rss_kb(gw.pid)
+
+        def when_ready(ready: list[dict[str, Any]]) -> None:
+            box["rss1"] = procs.rss_kb(gw.pid)
+            box["gauge"] = procs.scrape(gw.admin_url, "presence_connections")
+
+        conns = team_conns("idle", sz.idle_conns, sz.team, senders=False)
+        if not join:
+            for c in conns:
+                c.channel = ""
+        jobs = [Job("gateway", gw.ws_url, gw.secret, part, [(0.0, 0.5)], concurrency=40,
+                    connect_timeout=150) for part in split(conns, sz.procs)]
+        ready, _ = run_clients(jobs, when_ready=when_ready, connect_timeout=150)
+    finally:
+        gw.stop()
+    info = _connect_info(ready)
+    held = info["connected"]
+    return {**info, "target": sz.idle_conns, "server_connections_gauge": box.get("gauge"),
+            "rss_before_kb": rss0, "rss_after_kb": box.get("rss1"),
+            "kb_per_connection": (box["rss1"] - rss0) / held if held else None}
+
+
+def _propagation(urls: list[str], secret: str, sz: Sizes, prefix: str,
+                 pids: list[int], admin_urls: list[str],
+                 concurrency: int = 100) -> dict[str, Any]:
+    conns = team_conns(prefix, sz.prop_clients, sz.team)
+    parts = split(conns, max(sz.procs, len(urls)))
+    jobs = []
+    for i, part in enumerate(parts):
+        rate = sz.prop_rate * len(part) / len(conns)
+        jobs.append(Job("gateway", urls[i % len(urls)], secret, part,
+                        [(rate, sz.warmup), (rate, sz.duration)], concurrency=concurrency))
+    cpu0 = [procs.cpu_seconds(p) for p in pids]
+    ready, results = run_clients(jobs)
+    cpu = sum(procs.cpu_seconds(p) for p in pids) - sum(cpu0)
+    step = _merge_step(results, 1)
+    # The gateway's own view (diff ts -> frame written), to tell server time from
+    # time in the kernel and the clients; bucket upper bounds, first gateway only.
+    server = procs.histogram_quantiles(admin_urls[0], "presence_propagation_seconds") \
+        if admin_urls else {}
+    return {**_connect_info(ready), "rate": sz.prop_rate, "channel_size": sz.team,
+            "updates_sent": step["sent"], "diffs_received": step["frames"],
+            "diffs_per_s": step["frames"] / sz.duration,
+            "expected_entries": step["sent"] * (sz.team - 1), "entries": step["entries"],
+            "latency_ms": step["latency_ms"], "server_cpu_s": cpu,
+            "server_side_ms": {str(q): v * 1000 if v is not None else None
+                               for q, v in server.items()},
+            "dropped": sum(r["dropped"] for r in results), "samples": step["samples"]}
+
+
+def measure_propagation(sz: Sizes) -> dict[str, Any]:
+    """(3) propagation at ``prop_rate`` updates/s into ``team``-member channels."""
+    gw = procs.start_gateway()
+    try:
+        return _propagation([gw.ws_url], gw.secret, sz, "prop", [gw.pid], [gw.admin_url])
+    finally:
+        gw.stop()
+
+
+def measure_cluster(sz: Sizes) -> dict[str, Any]:
+    """(5) the same propagation through Redis Cluster across two gateways."""
+    if not procs.cluster_script_exists():
+        return {"skipped": f"{procs.CLUSTER_SCRIPT} does not exist yet"}
+    base = sz.cluster_port
+    nodes = ",".join(f"127.0.0.1:{base + i}" for i in range(3))
+    procs.cluster("start", base)
+    gws: list[procs.Gateway] = []
+    try:
+        secret = secrets.token_hex(32)
+        gws = [procs.start_gateway(secret, redis_cluster=nodes, node_id=f"bench-{i}")
+               for i in range(2)]
+        # Connects are paced (20 in flight per client process): a burst of joins makes
+        # the subscriber's SSUBSCRIBE acks late and the backend flap (see the docs).
+        return _propagation([g.ws_url for g in gws], secret, sz, "clu", [g.pid for g in gws],
+                            [g.admin_url for g in gws], concurrency=20)
+    finally:
+        for g in gws:
+            g.stop()
+        procs.cluster("stop", base)
+
+
+def measure_fanout(sz: Sizes) -> dict[str, Any]:
+    """(4) frames/s of one channel against bare ``websockets.broadcast()``, per size."""
+    points: list[dict[str, Any]] = []
+    bare = procs.start_module("loadtest.bare_server", ["--max-runtime", "900"])
+    try:
+        size = 200  # a one-join diff of this workload; corrected by each measured point
+        for n in sz.fanout_members:
+            points.append(_fanout_point(sz, n, bare, size))
+            size = points[-1]["payload_bytes"] or size
+    finally:
+        bare.stop()
+    best = points[-1] if points else {}
+    return {"points": points, "members": best.get("members"),
+            "ratio": best.get("ratio"), "goal_ratio": 0.75}
+
+
+def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int) -> dict[str, Any]:
+    """Bare broadcast first (the floor), then the gateway offered 30 % more than it."""
+    conns = [Conn(f"fan{n}-u{i}", f"team:fan-{n}") for i in range(n)]
+    d = sz.fanout_duration
+    bare_jobs = [Job("bare", f"ws://127.0.0.1:{bare.port}/", "", part, [(0.0, 1.0), (0.0, d)])
+                 for part in split(conns, sz.procs)]
+    b_ready, b_results = run_clients(
+        bare_jobs, after_go=lambda: procs.http_get(
+            f"http://127.0.0.1:{bare.port}/start?size={size}&duration={d + 1.5}"))
+    b = _merge_step(b_results, 1)
+    bare_fps = b["frames"] / d
+    # Offered to the gateway: 1.3x the floor's frames/s, spread over publishers at 9
+    # updates/s each (the quota is 10/s); coalesce_ms=0 so that one update is one diff
+    # frame (merging would hide the fan-out cost).
+    rate = max(10.0, 1.3 * bare_fps / max(n - 1, 1))
+    pubs = min(n, max(1, math.ceil(rate / 9.0)))
+    rate = min(rate, pubs * 9.0)
+    for c in conns[:pubs]:
+        c.send = True
+    gw = procs.start_gateway(env={"PRESENCE_COALESCE_MS": "0"})
+    try:
+        parts = split(conns, sz.procs)
+        jobs = []
+        for part in parts:
+            r = rate * sum(c.send for c in part) / pubs
+            jobs.append(Job("gateway", gw.ws_url, gw.secret, part, [(r, 1.0), (r, d)],
+                            light=True))
+        cpu0 = procs.cpu_seconds(gw.pid)
+        ready, results = run_clients(jobs)
+        cpu = procs.cpu_seconds(gw.pid) - cpu0
+        slow = procs.scrape(gw.admin_url, "presence_slow_consumer_closes_total")
+    finally:
+        gw.stop()
+    g = _merge_step(results, 1)
+    gw_fps = g["diffs"] / d
+    gw_size = round(g["bytes"] / g["frames"]) if g["frames"] else None
+    if gw_size and abs(gw_size - size) > 0.2 * size:
+        # The gateway merges the changes of one loop tick, so its frames may be larger
+        # than guessed: measure the floor again with the gateway's own frame size.
+        size = gw_size
+        b_ready, b_results = run_clients(
+            bare_jobs, after_go=lambda: procs.http_get(
+                f"http://127.0.0.1:{bare.port}/start?size={size}&duration={d + 1.5}"))
+        bare_fps = _merge_step(b_results, 1)["frames"] / d
+    return {"members": n, "publishers": pubs, "offered_updates_per_s": rate,
+            "payload_bytes": size, "gateway_payload_bytes": gw_size,
+            "gateway_latency_samples_from": "publishers only (receivers do not parse)",
+            "gateway_connected": _connect_info(ready)["connected"],
+            "bare_connected": _connect_info(b_ready)["connected"],
+            "gateway_frames_per_s": gw_fps, "bare_frames_per_s": bare_fps,
+            "ratio": gw_fps / bare_fps if bare_fps else None,
+            "gateway_latency_ms": g["latency_ms"], "gateway_cpu_s": cpu,
+            "gateway_dropped": sum(r["dropped"] for r in results),
+            "slow_consumer_closes": slow,
+            "bare_stats": json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))}
+
+
+def measure_peer(sz: Sizes) -> dict[str, Any]:
+    """(6) our gateway against python-socketio + AsyncRedisManager, stepped offered load."""
+    schedule = [(r, sz.peer_step) for r in sz.peer_rates]
+    out: dict[str, Any] = {"clients": sz.peer_clients, "channel_size": sz.team}
+    gw = procs.start_gateway()
+    try:
+        out["ours"] = _steps("gateway", gw.ws_url, gw.secret, sz, schedule, [gw.pid])
+    finally:
+        gw.stop()
+    redis = procs.start_redis()
+    try:
+        secret = secrets.token_hex(32)
+        peer = procs.start_module("loadtest.peer_socketio",
+                                  ["--redis", redis.url, "--secret", secret])
+        try:
+            out["peer"] = _steps("socketio", f"http://127.0.0.1:{peer.port}", secret, sz,
+                                 schedule, [peer.pid])
+        finally:
+            peer.stop()
+    finally:
+        redis.stop()
+    ours, theirs = out["ours"]["max_sustained"], out["peer"]["max_sustained"]
+    out["ratio_sustained"] = ours / theirs if theirs else None
+    cpu_ours, cpu_peer = out["ours"]["cpu_us_per_entry"], out["peer"]["cpu_us_per_entry"]
+    out["ratio_cpu_efficiency"] = cpu_peer / cpu_ours if cpu_ours and cpu_peer else None
+    out["goal_ratio"] = 3.0
+    return out
+
+
+def _steps(kind: str, url: str, secret: str, sz: Sizes, schedule: list[tuple[float, float]],
+           pids: list[int]) -> dict[str, Any]:
+    conns = team_conns(f"peer{kind[0]}", sz.peer_clients, sz.team)
+    parts = split(conns, sz.procs)
+    jobs = [Job(kind, url, secret, part,
+                [(r * len(part) / len(conns), d) for r, d in schedule]) for part in parts]
+    cpu0 = sum(procs.cpu_seconds(p) for p in pids)
+    ready, results = run_clients(jobs)
+    cpu = sum(procs.cpu_seconds(p) for p in pids) - cpu0
+    steps, total_entries, best = [], 0, 0.0
+    for i, (rate, dur) in enumerate(schedule):
+        s = _merge_step(results, i)
+        expected = s["sent"] * (sz.team - 1)
+        p99 = s["latency_ms"]["p99"]
+        ok = bool(expected) and s["entries"] >= 0.9 * expected and p99 is not None \
+            and p99 < 1000
+        if ok:
+            best = rate
+        total_entries += s["entries"]
+        steps.append({"offered": rate, "sent_per_s": s["sent"] / dur,
+                      "delivered_per_s": s["entries"] / dur, "expected_per_s": expected / dur,
+                      "latency_ms": s["latency_ms"], "sustained": ok,
+                      "samples": s["samples"]})
+    return {**_connect_info(ready), "steps": steps, "max_sustained": best,
+            "server_cpu_s": cpu,
+            "cpu_us_per_entry": cpu / total_entries * 1e6 if total_entries else None,
+            "dropped": sum(r["dropped"] for r in results)}

@@ -1,0 +1,353 @@
+"""Client worker processes of the bench driver (asyncio + uvloop, many sockets each).
+
+A :class:`Job` lists the connections one worker process holds and the update schedule
+it plays. Every worker goes through the same phases, each bounded in time:
+
+1. *boot*: import, report ``booted``, wait for ``start`` (so that imports do not count
+   in the connect rate);
+2. *connect*: open every connection (gateway: WebSocket + ``hello`` + ``join``;
+   socketio: connect + ``join`` call; bare: WebSocket only), report ``ready`` with the
+   connect times;
+3. *run*: wait for ``go``, then play ``schedule`` (a list of ``(updates/s, seconds)``
+   steps spread over the connections marked as senders), counting every frame received
+   and recording the propagation latency of every diff (receipt time minus its ``ts``,
+   ms; the gateway and the workers share the clock) per step;
+4. report ``result`` and close everything.
+
+:func:`run_clients` runs a list of jobs in spawned processes and returns the reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import queue
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUSES = ("online", "away", "busy")
+
+
+@dataclass
+class Conn:
+    user: str
+    channel: str = ""  # "" joins nothing
+    send: bool = False
+
+
+@dataclass
+class Job:
+    kind: str  # "gateway" | "socketio" | "bare"
+    url: str
+    secret: str = ""
+    conns: list[Conn] = field(default_factory=list)
+    schedule: list[tuple[float, float]] = field(default_factory=list)
+    concurrency: int = 100
+    connect_timeout: float = 60.0
+    max_samples: int = 500_000
+    # light: connections that send nothing count frames without parsing them (on a
+    # fan-out they receive nothing but diffs), as the bare-server clients do.
+    light: bool = False
+
+
+@dataclass
+class StepStats:
+    frames: int = 0
+    diffs: int = 0
+    bytes: int = 0
+    entries: int = 0
+    sent: int = 0
+    latencies: list[int] = field(default_factory=list)
+
+
+class Worker:
+    def __init__(self, job: Job, stop: Any = None) -> None:
+        self.job = job
+        self.stop = stop
+        self.step = -1  # -1: not measuring yet
+        self.steps = [StepStats() for _ in job.schedule]
+        self.clients: list[Any] = []
+        self.senders: list[Any] = []
+        self.connect_ms: list[float] = []
+        self.failures: dict[str, int] = {}
+        self.dropped = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.session: Any = None  # the aiohttp session of socketio clients
+
+    # -- receiving -------------------------------------------------------------------
+    def on_frame(self, size: int, frame: dict[str, Any] | None) -> None:
+        if not 0 <= self.step < len(self.steps):
+            return  # before or after the measured schedule
+        st = self.steps[self.step]
+        st.frames += 1
+        st.bytes += size
+        if frame is None:
+            st.diffs += 1
+        elif frame.get("t") == "diff":
+            st.diffs += 1
+            ts = frame.get("ts")
+            joins = frame.get("joins") or {}
+            st.entries += sum(len(v) for v in joins.values())
+            if isinstance(ts, int) and len(st.latencies) < self.job.max_samples:
+                st.latencies.append(int(time.time() * 1000) - ts)
+
+    async def ws_reader(self, ws: Any, parse: bool) -> None:
+        import orjson
+
+        try:
+            async for msg in ws:
+                if parse:
+                    self.on_frame(len(msg), orjson.loads(msg))
+                else:
+                    self.on_frame(len(msg), None)
+        except Exception:
+            pass
+        if self.step >= 0 and self.step < len(self.steps):
+            self.dropped += 1
+
+    # -- connecting ------------------------------------------------------------------
+    def token(self, user: str, channel: str) -> str:
+        import jwt
+
+        now = int(time.time())
+        chans = [channel] if channel else []
+        return jwt.encode({"sub": user, "channels": chans, "iat": now, "exp": now + 3600},
+                          self.job.secret, algorithm="HS256")
+
+    async def open_gateway(self, c: Conn) -> Any:
+        import orjson
+        from websockets.asyncio.client import connect
+        from websockets.typing import Subprotocol
+
+        ws = await connect(self.job.url, subprotocols=[Subprotocol("presence.v1.json")],
+                           compression=None, open_timeout=30, ping_interval=None,
+                           close_timeout=2, max_size=2**20)
+        await ws.send(orjson.dumps({"t": "hello", "token": self.token(c.user, c.channel)})
+                      .decode())
+        reply = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
+        if reply.get("t") != "welcome":
+            raise RuntimeError(f"hello answered with {reply.get('t')}")
+        if c.channel:
+            await ws.send(orjson.dumps({"t": "join", "ref": 1, "ch": c.channel,
+                                        "meta": {"status": "online", "device": "bench"}})
+                          .decode())
+            while True:
+                reply = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
+                if reply.get("t") == "joined":
+                    break
+                if reply.get("t") == "error":
+                    raise RuntimeError(f"join: {reply.get('code')}")
+        parse = c.send or not self.job.light
+        self.tasks.append(asyncio.create_task(self.ws_reader(ws, parse=parse)))
+        return ws
+
+    async def open_bare(self, c: Conn) -> Any:
+        from websockets.asyncio.client import connect
+
+        ws = await connect(self.job.url, compression=None, open_timeout=30,
+                           ping_interval=None, close_timeout=2, max_size=2**20)
+        self.tasks.append(asyncio.create_task(self.ws_reader(ws, parse=False)))
+        return ws
+
+    async def open_socketio(self, c: Conn, session: Any) -> Any:
+        import socketio
+
+        sio = socketio.AsyncClient(reconnection=False, http_session=session)
+
+        async def on_diff(data: dict[str, Any]) -> None:
+            self.on_frame(0, data)
+
+        sio.on("diff", on_diff)
+        await sio.connect(self.job.url, transports=["websocket"],
+                          auth={"token": self.token(c.user, c.channel)}, wait_timeout=30)
+        if c.channel:
+            reply = await sio.call("join", {"ch": c.channel,
+                                            "meta": {"status": "online", "device": "bench"}},
+                                   timeout=30)
+            if not isinstance(reply, dict) or reply.get("t") != "joined":
+                raise RuntimeError(f"join answered {reply!r}")
+        return sio
+
+    async def connect_all(self) -> None:
+        sem = asyncio.Semaphore(self.job.concurrency)
+        if self.job.kind == "socketio":
+            import aiohttp
+
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        session = self.session
+
+        async def one(c: Conn) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                try:
+                    if self.job.kind == "gateway":
+                        client = await self.open_gateway(c)
+                    elif self.job.kind == "bare":
+                        client = await self.open_bare(c)
+                    else:
+                        client = await self.open_socketio(c, session)
+                except Exception as exc:
+                    detail = exc if isinstance(exc, RuntimeError) else getattr(exc, "rcvd", "")
+                    key = type(exc).__name__ + (f": {detail}" if detail else "")
+                    self.failures[key[:120]] = self.failures.get(key[:120], 0) + 1
+                    return
+                self.connect_ms.append((time.perf_counter() - t0) * 1000)
+                self.clients.append(client)
+                if c.send:
+                    self.senders.append(client)
+
+        await asyncio.wait_for(asyncio.gather(*(one(c) for c in self.job.conns)),
+                               self.job.connect_timeout)
+
+    # -- sending ---------------------------------------------------------------------
+    async def send_update(self, client: Any, n: int) -> None:
+        meta = {"status": STATUSES[n % 3], "note": f"n{n}"}
+        if self.job.kind == "socketio":
+            await client.emit("update", {"meta": meta})
+        else:
+            import orjson
+
+            await client.send(orjson.dumps({"t": "update", "meta": meta}).decode())
+
+    async def play(self) -> None:
+        """Play the schedule; updates go round-robin over the senders at each step's rate."""
+        order = list(self.senders)
+        random.shuffle(order)
+        n = 0
+        for i, (rate, duration) in enumerate(self.job.schedule):
+            self.step = i
+            start = time.monotonic()
+            end = start + duration
+            sent_at_start = n
+            while (now := time.monotonic()) < end:
+                if self.stop is not None and self.stop.is_set():
+                    break
+                due = int(rate * (now - start)) - (n - sent_at_start)
+                for _ in range(min(max(due, 0), 2000)):
+                    if not order:
+                        break
+                    client = order[n % len(order)]
+                    n += 1
+                    with contextlib.suppress(Exception):
+                        await self.send_update(client, n)
+                self.steps[i].sent = n - sent_at_start
+                await asyncio.sleep(0.005)
+        self.step = len(self.steps)  # stop counting
+
+    async def close_all(self) -> None:
+        async def close(client: Any) -> None:
+            with contextlib.suppress(Exception):
+                if self.job.kind == "socketio":
+                    await asyncio.wait_for(client.disconnect(), 3)
+                else:
+                    await asyncio.wait_for(client.close(), 3)
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*(close(c) for c in self.clients)), 20)
+        for t in self.tasks:
+            t.cancel()
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                await self.session.close()
+
+
+async def _worker_async(idx: int, job: Job, q: Any, start: Any, go: Any, stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    w = Worker(job, stop)
+    q.put(("booted", idx, None))
+    await loop.run_in_executor(None, start.wait, 120)
+    t0 = time.time()
+    try:
+        await w.connect_all()
+    except TimeoutError:
+        w.failures["connect phase timed out"] = len(job.conns) - len(w.clients)
+    t1 = time.time()
+    q.put(("ready", idx, {"connected": len(w.clients), "failures": w.failures,
+                          "connect_ms": w.connect_ms, "t0": t0, "t1": t1}))
+    if await loop.run_in_executor(None, go.wait, 300):
+        await w.play()
+    q.put(("result", idx, {
+        "steps": [{"frames": s.frames, "diffs": s.diffs, "bytes": s.bytes,
+                   "entries": s.entries,
+                   "sent": s.sent, "latencies": s.latencies} for s in w.steps],
+        "dropped": w.dropped,
+    }))
+    await w.close_all()
+
+
+def worker_main(idx: int, job: Job, q: Any, start: Any, go: Any, stop: Any) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_worker_async(idx, job, q, start, go, stop))
+    else:
+        uvloop.run(_worker_async(idx, job, q, start, go, stop))
+
+
+def _collect(q: Any, kind: str, n: int, timeout: float) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"only {len(out)}/{n} workers reported {kind!r} in {timeout} s")
+        try:
+            k, idx, data = q.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            continue
+        if k == kind:
+            out[idx] = data
+    return out
+
+
+def run_clients(
+    jobs: list[Job],
+    when_ready: Callable[[list[dict[str, Any]]], Any] | None = None,
+    after_go: Callable[[], Any] | None = None,
+    connect_timeout: float = 120.0,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run ``jobs`` in one spawned process each; return (ready reports, results).
+
+    ``when_ready`` runs once every worker has connected (e.g. to read the server's
+    RSS), ``after_go`` right after the workers start their schedules (e.g. to tell a
+    bare server to broadcast). Worker processes are always joined or killed.
+    """
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    start, go, stop = ctx.Event(), ctx.Event(), ctx.Event()
+    procs = [ctx.Process(target=worker_main, args=(i, job, q, start, go, stop), daemon=True)
+             for i, job in enumerate(jobs)]
+    for p in procs:
+        p.start()
+    try:
+        _collect(q, "booted", len(jobs), 60)
+        start.set()
+        ready = _collect(q, "ready", len(jobs), connect_timeout + 10)
+        ready_list = [ready[i] for i in range(len(jobs))]
+        if when_ready is not None:
+            when_ready(ready_list)
+        go.set()
+        if after_go is not None:
+            after_go()
+        longest = max((sum(d for _, d in job.schedule) for job in jobs), default=0.0)
+        results = _collect(q, "result", len(jobs), longest + 60)
+        return ready_list, [results[i] for i in range(len(jobs))]
+    finally:
+        stop.set()
+        start.set()
+        go.set()
+        for p in procs:
+            p.join(30)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+def split(items: list[Conn], n: int) -> list[list[Conn]]:
+    """Deal ``items`` over ``n`` workers so that each channel spans the workers."""
+    return [items[i::n] for i in range(n)]
