@@ -96,12 +96,24 @@ class NodeSubscriber:
         self.channels.update(new)
         try:
             await guarded(self._pubsub.ssubscribe(*new), self._ack_timeout)
-            if self._reader is None:
-                self._reader = asyncio.create_task(self._read(), name=f"redis-sub-{self.addr}")
-            await guarded(asyncio.gather(*waits), self._ack_timeout)
         except BackendUnavailable as exc:
-            self._fail(exc)
+            self._fail(exc)  # the command could not be written: the connection is gone
             raise
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read(), name=f"redis-sub-{self.addr}")
+        # asyncio.wait leaves the futures alone on timeout: a late acknowledgement is
+        # not a lost master. Under load the reader may simply be behind (it declares
+        # the connection dead itself when the master stops answering its PINGs), so
+        # only this subscribe fails; the ack, when it comes, finds the channel there.
+        done, pending = await asyncio.wait(waits, timeout=self._ack_timeout)
+        for fut in done:
+            if fut.cancelled():
+                raise BackendUnavailable(f"redis: subscription to {self.addr} cancelled")
+            error = fut.exception()
+            if error is not None:
+                raise BackendUnavailable(f"redis: {self.addr}: {error}") from error
+        if pending:
+            raise BackendUnavailable(f"redis: no ssubscribe ack from {self.addr} yet")
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
         """SUNSUBSCRIBE ``channels`` (best effort: a dead connection drops them anyway)."""
