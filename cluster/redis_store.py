@@ -34,6 +34,7 @@ import msgpack
 
 from cluster import keys
 from cluster.base import SweptMeta, UserPresence
+from cluster.redis_batch import Command, WriteBatcher
 from cluster.redis_conn import RedisConfig, Topology, load_script
 from presence.churn import ChurnRecord, snapshot_order
 from presence.meta import Meta
@@ -73,11 +74,14 @@ class RedisStore:
         # Each lease refresh writes them all again, so ownership lost in a failover
         # (asynchronous replication) comes back within one refresh interval.
         self._owned: dict[str, set[bytes]] = {}
+        # The per-update writes (metas in, metas out) of one loop turn go out together.
+        self._batch = WriteBatcher(self.redis, config.op_timeout)
 
     async def start(self) -> None:
         await self.redis.start()
 
     async def close(self) -> None:
+        await self._batch.close()
         await self.redis.close()
 
     async def healthy(self) -> bool:
@@ -110,38 +114,44 @@ class RedisStore:
         owned = [k for k in (_pack([ch, user, conn]) for ch in metas) if k not in known]
         if owned:
             # Ownership first: a crash between the two steps leaves no unowned entry.
-            pipe = self.redis.pipeline()
-            pipe.execute_command("SADD", keys.node_metas(node), *owned)
-            pipe.execute_command("ZADD", keys.REGISTRY, "NX", 0, node)
-            await self.redis.run(pipe)
+            owner_key = keys.node_metas(node)
+            await self._batch.run([
+                (owner_key, ("SADD", owner_key, *owned)),
+                (keys.REGISTRY, ("ZADD", keys.REGISTRY, "NX", 0, node)),
+            ])
             known.update(owned)
-        pipe = self.redis.pipeline()
         field = keys.meta_field(user, conn)
+        writes: list[Command] = []
         last: Meta | None = None
         for ch, meta in metas.items():
-            value = _pack([user, node, meta.to_wire()])
-            pipe.execute_command("HSET", keys.channel_metas(ch), field, value)
+            key = keys.channel_metas(ch)
+            writes.append((key, ("HSET", key, field, _pack([user, node, meta.to_wire()]))))
             last = meta
         assert last is not None
-        pipe.execute_command("HSET", keys.user_index(user), conn, _pack(last.to_wire()))
-        await self.redis.run(pipe)
+        index = keys.user_index(user)
+        writes.append((index, ("HSET", index, conn, _pack(last.to_wire()))))
+        await self._batch.run(writes)
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
     ) -> None:
         if not channels and not last:
             return
-        pipe = self.redis.pipeline()
         field = keys.meta_field(user, conn)
+        writes: list[Command] = []
         for ch in channels:
-            pipe.execute_command("HDEL", keys.channel_metas(ch), field)
+            key = keys.channel_metas(ch)
+            writes.append((key, ("HDEL", key, field)))
         if last:
-            self._pipe_eval(pipe, "user_leave", [keys.user_index(user), keys.user_seen(user)],
-                            [conn, now, self.last_seen_ms])
-        await self.redis.run(pipe)
+            index, seen = keys.user_index(user), keys.user_seen(user)
+            writes.append((index, ("EVAL", self._scripts["user_leave"], 2, index, seen,
+                                   conn, now, self.last_seen_ms)))
+        await self._batch.run(writes)
         if channels:
+            # Ownership last, for the same reason as in put_metas.
             owned = [_pack([ch, user, conn]) for ch in channels]
-            await self.redis.command("SREM", keys.node_metas(node), *owned)
+            owner_key = keys.node_metas(node)
+            await self._batch.run([(owner_key, ("SREM", owner_key, *owned))])
             self._owned.get(node, set()).difference_update(owned)
 
     async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:
