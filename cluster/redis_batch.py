@@ -37,7 +37,6 @@ class WriteBatcher:
         self.timeout = timeout
         self._queue: list[_Item] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._refreshing: asyncio.Task[None] | None = None
 
     async def run(self, commands: Sequence[Command]) -> list[Any]:
         """Send ``commands`` with the others of this loop turn; their replies in order."""
@@ -50,11 +49,11 @@ class WriteBatcher:
         return await fut
 
     async def close(self) -> None:
-        for task in (self._flusher, self._refreshing):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, BackendUnavailable):
-                    await task
+        task = self._flusher
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, BackendUnavailable):
+                await task
         for _cmds, fut in self._queue:
             if not fut.done():
                 fut.set_exception(BackendUnavailable("store closed"))
@@ -111,12 +110,4 @@ class WriteBatcher:
             else:
                 fut.set_result(replies[i])
         if failed:
-            self._refresh_soon()
-
-    def _refresh_soon(self) -> None:
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.create_task(self._refresh_quietly())
-
-    async def _refresh_quietly(self) -> None:
-        with contextlib.suppress(BackendUnavailable):
-            await self.redis.refresh()
+            self.redis.refresh_soon()

@@ -57,7 +57,6 @@ class RedisBroker:
         self._repair: asyncio.Task[None] | None = None
         self._queue: _Batch = []
         self._flusher: asyncio.Task[None] | None = None
-        self._refreshing: asyncio.Task[None] | None = None
         self._closed = False
 
     async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
@@ -71,7 +70,7 @@ class RedisBroker:
             return
         self._closed = True
         self._on_message = None
-        tasks = [t for t in (self._repair, self._flusher, self._refreshing) if t is not None]
+        tasks = [t for t in (self._repair, self._flusher) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -265,16 +264,8 @@ class RedisBroker:
 
         await asyncio.gather(*(send(a, items) for a, items in groups.items()))
         if failed:
-            self._refresh_soon()
+            self.redis.refresh_soon()
         return failed
-
-    def _refresh_soon(self) -> None:
-        if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.create_task(self._refresh_quietly())
-
-    async def _refresh_quietly(self) -> None:
-        with contextlib.suppress(BackendUnavailable):
-            await self.redis.refresh()
 
     async def healthy(self) -> bool:
         if self._closed or self._orphans:

@@ -104,6 +104,7 @@ class Topology:
     def __init__(self, config: RedisConfig) -> None:
         self.config = config
         self._node_clients: dict[Addr, Redis] = {}
+        self._refreshing: asyncio.Task[None] | None = None
         self.client: Redis | RedisCluster
         self.cluster: RedisCluster | None = None
         self._single: Addr | None = None
@@ -144,6 +145,10 @@ class Topology:
             await self.command("PING")
 
     async def close(self) -> None:
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
         clients = list(self._node_clients.values())
         if self.cluster is not None:
             clients.append(self.client)  # type: ignore[arg-type]
@@ -183,6 +188,16 @@ class Topology:
         """Re-read the slot map (cluster); a no-op for a single Redis."""
         if self.cluster is not None:
             await guarded(self.cluster.nodes_manager.initialize(), self.config.op_timeout)
+
+    def refresh_soon(self) -> None:
+        """Re-read the slot map in the background (one refresh at a time; failures are
+        ignored: the next failed write asks again)."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(BackendUnavailable):
+            await self.refresh()
 
     async def ping_all(self) -> bool:
         """True when every master answers PING (and, in a cluster, reports

@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import pytest
-import redis
 
 from cluster.base import Broker, Store, SweptMeta
 from cluster.memory import MemoryBroker, MemoryBus, MemoryStore
 from cluster.redis_broker import RedisBroker
-from cluster.redis_conn import RedisConfig, parse_nodes
+from cluster.redis_conn import RedisConfig
 from cluster.redis_store import RedisStore
 from presence.churn import ChurnRecord, snapshot_order
 from presence.meta import Meta
@@ -81,28 +80,9 @@ class Backend:
             await close()
 
 
-def _flush(config: RedisConfig) -> None:
-    addrs = parse_nodes(config.cluster) if config.cluster else []
-    if config.url:
-        with redis.Redis.from_url(config.url) as c:
-            c.flushall()
-        return
-    for host, port in addrs:
-        with redis.Redis(host, port, socket_timeout=2) as c:
-            if c.execute_command("ROLE")[0] == b"master":
-                c.flushall()
-
-
-@pytest.fixture(params=["memory", "redis-cluster", "redis-single"])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    config: RedisConfig | None = None
-    if request.param == "redis-cluster":
-        config = RedisConfig(cluster=request.getfixturevalue("redis_cluster"))
-    elif request.param == "redis-single":
-        config = RedisConfig(url=request.getfixturevalue("redis_single"))
-    if config is not None:
-        _flush(config)
-    b = Backend(request.param, config)
+@pytest.fixture
+async def backend(backend_config: tuple[str, RedisConfig | None]) -> AsyncIterator[Backend]:
+    b = Backend(*backend_config)
     try:
         yield b
     finally:

@@ -25,7 +25,6 @@ from presence.engagement import (
     day_key,
     expire_at_ms,
 )
-from tests.cluster.test_contract import _flush
 
 MINUTE = 60_000
 T0 = (int(time.time() * 1000) // DAY_MS + 1) * DAY_MS
@@ -62,16 +61,11 @@ class Engagements:
             await store.close()
 
 
-@pytest.fixture(params=["memory", "redis-cluster", "redis-single"])
-async def engagements(request: pytest.FixtureRequest) -> AsyncIterator[Engagements]:
-    config: RedisConfig | None = None
-    if request.param == "redis-cluster":
-        config = RedisConfig(cluster=request.getfixturevalue("redis_cluster"))
-    elif request.param == "redis-single":
-        config = RedisConfig(url=request.getfixturevalue("redis_single"))
-    if config is not None:
-        _flush(config)
-    e = Engagements(request.param, config)
+@pytest.fixture
+async def engagements(
+    backend_config: tuple[str, RedisConfig | None],
+) -> AsyncIterator[Engagements]:
+    e = Engagements(*backend_config)
     try:
         yield e
     finally:
