@@ -2,8 +2,9 @@
 
 The node owns what outlives a single connection: the Store and Broker, the local hub,
 the lease and sweeper loops, backend health, statistics and the drain on shutdown.
-Sessions (gateway/session.py) call :meth:`Node.join`, :meth:`Node.update`, ... which
-write the Store, publish on the Broker, and let the broker's delivery feed the hub.
+Sessions (gateway/session.py) call :meth:`Node.subscribe`, :meth:`Node.put_presence`,
+:meth:`Node.drop_presence`, ... which write the Store and publish on the Broker; the
+broker's delivery (this node's own publications included) feeds the hub.
 """
 
 from __future__ import annotations
@@ -498,5 +499,3 @@ async def _logged(what: str, aw: Awaitable[None]) -> None:
 
 BackendError = (BackendUnavailable, ConnectionError, OSError, asyncio.TimeoutError)
 """Exceptions from the backends that mean "unavailable", not "bug"."""
-
-SessionFactory = Callable[..., "Session"]
