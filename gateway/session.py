@@ -355,19 +355,25 @@ class Session:
                 )
             node.check_backend()
         reply: dict[str, Any] = {"t": "joined", "ref": req.ref, "ch": ch}
-        if is_churn(ch):
-            if not joined:
-                await self._enter(ch, None)
-            reply["churn"] = await node.churn_snapshot(ch)
-        else:
-            if not joined:
+        if not joined:
+            meta = None
+            if not is_churn(ch):
                 meta = new_meta(self.conn, self._defaults(req.meta), now_ms())
-                await self._enter(ch, meta)
-            presence = await node.channel_snapshot(ch)
-            reply["presence"] = {
-                u: [m.to_wire() for m in sorted(ms, key=lambda m: m.conn)]
-                for u, ms in sorted(presence.items())
-            }
+            await self._enter(ch, meta)
+        try:
+            if is_churn(ch):
+                reply["churn"] = await node.churn_snapshot(ch)
+            else:
+                presence = await node.channel_snapshot(ch)
+                reply["presence"] = {
+                    u: [m.to_wire() for m in sorted(ms, key=lambda m: m.conn)]
+                    for u, ms in sorted(presence.items())
+                }
+        except BaseException:
+            # The membership stands (a retried join answers the snapshot), but nothing
+            # may pile up behind a joined reply that will not come.
+            self.backlog.pop(ch, None)
+            raise
         self.send(reply)
         self._release(ch)
         if req.meta.device is not None:  # engagement: devices used

@@ -22,7 +22,7 @@ from cluster.redis_conn import RedisConfig
 from gateway.client import PresenceClient
 from gateway.node import Node
 from presence.engagement import DAY_MS, day_key
-from tests.cluster.test_contract import _flush
+from tests.cluster.conftest import flush as _flush
 from tests.fixtures.servers import GatewayFactory, GatewayHandle
 
 MINUTE = 60_000

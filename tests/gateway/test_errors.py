@@ -156,6 +156,9 @@ async def test_internal_error_and_1011(gateway_factory: GatewayFactory) -> None:
     a = await gw.client("u1")
     f = await expect_error(a.join("team:boom"), "internal")
     assert "injected" not in f["message"]  # no internals leak to clients
+    # Nothing is held back for a joined reply that will not come.
+    session = next(s for s in gw.node.sessions if s.user == "u1")
+    assert session.backlog == {}
     assert (await a.ping())["t"] == "pong"
     async with connect(gw.ws_url) as ws:
         await ws.send(orjson.dumps({"t": "hello", "token": gw.token("crash")}).decode())
