@@ -381,14 +381,8 @@ class Session:
 
     def _defaults(self, patch: MetaPatch) -> MetaPatch:
         """A join's meta inherits this connection's current status, device and note."""
-        cur = self.current
-        merged = MetaPatch(
-            status=patch.status if patch.status is not None else cur.status,
-            device=patch.device if patch.device is not None else cur.device,
-            note=patch.note if patch.note is not None else cur.note,
-        )
-        self.current = merged
-        return merged
+        self.current = patch.over(self.current)
+        return self.current
 
     async def _enter(self, ch: str, meta: Meta | None) -> None:
         """Become a member of ``ch`` (diffs held back until :meth:`_release`)."""
@@ -439,11 +433,7 @@ class Session:
             raise NotJoined("join a presence channel before updating")
         self.node.check_backend()
         patch = req.meta
-        self.current = MetaPatch(
-            status=patch.status if patch.status is not None else self.current.status,
-            device=patch.device if patch.device is not None else self.current.device,
-            note=patch.note if patch.note is not None else self.current.note,
-        )
+        self.current = patch.over(self.current)
         changed = {ch: meta.patched(patch) for ch, meta in self.metas.items()}
         self.metas.update(changed)
         await self.node.put_presence(self.user, changed)

@@ -26,6 +26,14 @@ class MetaPatch:
     device: str | None = None
     note: str | None = None
 
+    def over(self, base: MetaPatch) -> MetaPatch:
+        """This patch's fields, ``base``'s where this one leaves them ``None``."""
+        return MetaPatch(
+            status=base.status if self.status is None else self.status,
+            device=base.device if self.device is None else self.device,
+            note=base.note if self.note is None else self.note,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Meta:
