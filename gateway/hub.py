@@ -111,10 +111,6 @@ class Hub:
         del self.channels[ch]
         return True
 
-    def members(self, ch: str) -> set[Member]:
-        channel = self.channels.get(ch)
-        return channel.members if channel is not None else set()
-
     def member_count(self) -> int:
         return self._members
 

@@ -25,7 +25,6 @@ from cluster.factory import make_backend
 from gateway.node import Node
 from gateway.session import Session
 from presence.codec import SUBPROTOCOLS, Format
-from presence.errors import CloseCode
 from presence.settings import Settings
 
 log = structlog.get_logger("presence.server")
@@ -191,4 +190,4 @@ class Gateway:
         log.info("stopped", node=self.node.node_id)
 
 
-__all__ = ["CloseCode", "Gateway", "select_subprotocol"]
+__all__ = ["Gateway", "select_subprotocol"]
