@@ -31,12 +31,12 @@ from presence.channels import churn_org, is_churn
 from presence.churn import MAX_SNAPSHOT
 from presence.errors import Overloaded
 from presence.messages import ChurnMsg, JoinMsg, LeaveMsg, decode_message, encode_join, encode_leave
-from presence.meta import Meta, overall_status
+from presence.meta import Meta, metas_to_wire, overall_status, presence_to_wire
 from presence.ratelimit import SlidingWindow
 from presence.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.session import Session
+    from gateway.ports import LocalConnection
 
 log = structlog.get_logger("presence.node")
 
@@ -78,7 +78,7 @@ class Node:
         self.auth = Authenticator(settings)
         self.metrics = Metrics()
         self.hub = Hub(settings.coalesce_ms, settings.max_buffer, self._on_flush, now_ms)
-        self.sessions: set[Session] = set()
+        self.sessions: set[LocalConnection] = set()
         self.draining = False
         self.backend_ok = False  # until start() has reached the backend
         self.started_at = time.time()
@@ -167,7 +167,66 @@ class Node:
     async def ready(self) -> bool:
         return self.backend_ok and not self.draining
 
-    # -- operations used by sessions ----------------------------------------------
+    # -- operations used by sessions (gateway/ports.py NodeServices) -----------------
+    def connection_count(self) -> int:
+        return len(self.sessions)
+
+    async def register(self, conn: LocalConnection) -> int:
+        count = await self.store.add_connection(self.owner, conn.user, conn.conn)
+        self.sessions.add(conn)
+        self.metrics.connections.set(len(self.sessions))
+        return count
+
+    async def unregister(self, conn: LocalConnection, channels: Sequence[str]) -> None:
+        registered = conn in self.sessions
+        self.sessions.discard(conn)
+        self.metrics.connections.set(len(self.sessions))
+        presence = [ch for ch in channels if ch in conn.metas]
+        for ch in channels:
+            await self.unsubscribe(ch, conn)
+        try:
+            await self.drop_presence(conn.user, conn.conn, presence, last=True)
+        except Exception as exc:
+            self.defer_removal(conn.user, conn.conn, presence)
+            log.warning("cleanup_deferred", conn=conn.conn, error=type(exc).__name__)
+        if registered:
+            with contextlib.suppress(Exception):
+                await self.store.remove_connection(self.owner, conn.user, conn.conn)
+
+    async def enter(self, ch: str, member: LocalConnection, meta: Meta | None) -> None:
+        await self.subscribe(ch, member)
+        if meta is None:
+            return
+        try:
+            await self.put_presence(member.user, {ch: meta})
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.drop_presence(member.user, member.conn, [ch], False)
+            await self.unsubscribe(ch, member)
+            raise
+
+    async def exit(self, ch: str, member: LocalConnection, had_meta: bool, last: bool) -> None:
+        await self.unsubscribe(ch, member)
+        if had_meta:
+            try:
+                await self.drop_presence(member.user, member.conn, [ch], last)
+            except Exception as exc:
+                self.defer_removal(member.user, member.conn, [ch])
+                log.warning("leave_deferred", conn=member.conn, error=type(exc).__name__)
+
+    async def put_metas(self, user: str, metas: Mapping[str, Meta]) -> None:
+        await self.put_presence(user, metas)
+
+    async def snapshot(self, ch: str, fresh: bool) -> dict[str, Any]:
+        if is_churn(ch):
+            return {"churn": await self.churn_snapshot(ch)}
+        mirror = None if fresh else self.hub.mirror(ch)
+        if mirror is not None:
+            presence = {u: list(mirror.metas(u)) for u in mirror.users()}
+        else:
+            presence = await self.channel_snapshot(ch)
+        return {"presence": presence_to_wire(presence)}
+
     async def subscribe(self, ch: str, member: Member) -> None:
         """Make ``member`` a local member of ``ch``; subscribe the node on first use."""
         if self.hub.add(ch, member):
@@ -253,18 +312,14 @@ class Node:
             metas = list(up.metas) if up is not None else []
             out[user] = {
                 "status": overall_status(metas),
-                "metas": [m.to_wire() for m in sorted(metas, key=lambda m: m.conn)],
+                "metas": metas_to_wire(metas),
                 "last_seen": None if metas or up is None else up.last_seen,
             }
         return out
 
     async def channel_presence(self, ch: str) -> dict[str, list[dict[str, Any]]]:
         """The ``presence`` map of a channel (``GET /v1/channels/<ch>/presence``)."""
-        presence = await self.store.channel_presence(ch)
-        return {
-            u: [m.to_wire() for m in sorted(ms, key=lambda m: m.conn)]
-            for u, ms in sorted(presence.items())
-        }
+        return presence_to_wire(await self.store.channel_presence(ch))
 
     # -- broker delivery ---------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:

@@ -175,8 +175,7 @@ class Gateway:
                     await self.server.wait_closed()
         # Whatever did not close in time is cut.
         for s in list(node.sessions):
-            if s.ws.transport is not None:
-                s.ws.transport.abort()
+            s.abort()
 
     async def stop(self) -> None:
         await self.drain()

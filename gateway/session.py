@@ -147,6 +147,10 @@ class Session:
             if self.ws.transport is not None:
                 self.ws.transport.abort()
 
+    def abort(self) -> None:
+        if self.ws.transport is not None:
+            self.ws.transport.abort()
+
     # -- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
         """Serve the connection until it closes; always cleans up."""

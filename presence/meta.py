@@ -127,3 +127,13 @@ def overall_status(metas: Iterable[Meta]) -> str:
     if "online" in seen:
         return "online"
     return "away"
+
+
+def metas_to_wire(metas: Iterable[Meta]) -> list[dict[str, Any]]:
+    """Metas as sent on the wire, in a stable order (by connection id)."""
+    return [m.to_wire() for m in sorted(metas, key=lambda m: m.conn)]
+
+
+def presence_to_wire(presence: Mapping[str, Iterable[Meta]]) -> dict[str, list[dict[str, Any]]]:
+    """A channel's ``presence`` map (user -> metas) as sent on the wire, users sorted."""
+    return {user: metas_to_wire(metas) for user, metas in sorted(presence.items())}

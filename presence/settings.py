@@ -116,6 +116,10 @@ class Settings:
     max_user_connections: int = 10
     max_errors_per_minute: int = 30
     max_malformed: int = 5
+    # Every request of a connection (join, re-join, leave, update, query, ping, refresh)
+    # draws on one bucket: a client cannot make the node do unbounded work.
+    requests_per_second: float = 20.0
+    requests_burst: int = 40
     # fan-out
     coalesce_ms: int = 20
     # backend
@@ -123,6 +127,9 @@ class Settings:
     redis_url: str = ""
     redis_cluster: str = ""
     node_lease: float = 15.0
+    # /readyz stays 200 through a backend outage shorter than this (one shard's failover
+    # must not take every pod out of the Service).
+    ready_grace: float = 10.0
     last_seen_days: int = 30
     # churn
     churn_min_delta: float = 0.05
@@ -142,15 +149,16 @@ class Settings:
         for name in ("max_frame", "max_buffer", "max_connections", "max_user_connections",
                      "listen_backlog",
                      "max_channels_free", "max_channels_paid", "joins_per_minute",
-                     "updates_burst"):
+                     "updates_burst", "requests_burst"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
-        if not self.updates_per_second > 0:
-            raise SettingsError("updates_per_second must be positive")
+        for name in ("updates_per_second", "requests_per_second"):
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"{name} must be positive")
         for name in ("max_errors_per_minute", "max_malformed", "last_seen_days"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be at least 1")
-        for name in ("drain_timeout", "reconnect_jitter"):
+        for name in ("drain_timeout", "reconnect_jitter", "ready_grace"):
             if not getattr(self, name) >= 0:
                 raise SettingsError(f"{name} must not be negative")
         if not 0 <= self.coalesce_ms <= 100:
@@ -161,6 +169,8 @@ class Settings:
             raise SettingsError("jwt_public_key is required for RS256/ES256")
         if self.backend not in ("memory", "redis"):
             raise SettingsError("backend must be memory or redis")
+        if self.backend == "redis" and not (self.redis_url or self.redis_cluster):
+            raise SettingsError("backend = redis needs redis_cluster or redis_url")
         t = self.churn_thresholds
         if not (len(t) == 3 and 0 < t[0] < t[1] < t[2] < 1):
             raise SettingsError("churn_thresholds must be three increasing numbers in (0, 1)")
