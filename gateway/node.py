@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from cluster.base import BackendUnavailable, Broker, Store
+from cluster.base import Broker, Store
 from cluster.engagement import EngagementStore
 from cluster.factory import make_engagement
 from gateway.auth import Authenticator
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
+from gateway.ports import BackendError, now_ms
 from presence.channels import churn_org, is_churn
 from presence.churn import MAX_SNAPSHOT
 from presence.errors import Overloaded
@@ -38,11 +39,9 @@ from presence.settings import Settings
 if TYPE_CHECKING:
     from gateway.ports import LocalConnection
 
+__all__ = ["BackendError", "Node", "now_ms"]
+
 log = structlog.get_logger("presence.node")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def quantiles(samples: Sequence[float]) -> dict[str, float | None]:
@@ -550,7 +549,3 @@ async def _logged(what: str, aw: Awaitable[None]) -> None:
         await aw
     except Exception as exc:
         log.warning("engagement_write_failed", what=what, error=type(exc).__name__)
-
-
-BackendError = (BackendUnavailable, ConnectionError, OSError, asyncio.TimeoutError)
-"""Exceptions from the backends that mean "unavailable", not "bug"."""

@@ -14,15 +14,26 @@ the other replaced.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
+from cluster.base import BackendUnavailable
 from gateway.auth import Authenticator
 from gateway.hub import Member
 from gateway.metrics import Metrics
 from presence.meta import Meta
 from presence.ratelimit import SlidingWindow
 from presence.settings import Settings
+
+BackendError = (BackendUnavailable, ConnectionError, OSError, asyncio.TimeoutError)
+"""Exceptions from the backends that mean "unavailable", not "bug"."""
+
+
+def now_ms() -> int:
+    """The server clock: milliseconds since the epoch (the protocol's times)."""
+    return int(time.time() * 1000)
 
 
 class LocalConnection(Member, Protocol):
