@@ -24,7 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import QUERY_ROLES, Claims, bearer_token
-from gateway.node import BackendError, Node, now_ms
+from gateway.ports import BackendError, NodeServices, now_ms
 from presence.channels import channel_allowed, is_churn
 from presence.codec import Format, decode, encode
 from presence.errors import (
@@ -54,7 +54,7 @@ CLOSE_TIMEOUT = 2.0
 class Session:
     """The server side of one WebSocket connection."""
 
-    def __init__(self, ws: ServerConnection, node: Node, fmt: Format) -> None:
+    def __init__(self, ws: ServerConnection, node: NodeServices, fmt: Format) -> None:
         self.ws = ws
         self.node = node
         self.fmt = fmt
@@ -160,7 +160,7 @@ class Session:
             if node.draining:
                 await self._refuse(CloseCode.SERVICE_RESTART, "server restarting")
                 return
-            if len(node.sessions) >= self.settings.max_connections:
+            if node.connection_count() >= self.settings.max_connections:
                 await self._refuse(CloseCode.TRY_AGAIN_LATER, "overloaded, reconnect later")
                 return
             if not await self._authenticate():
@@ -214,7 +214,7 @@ class Session:
         if self.ws.request is not None:
             self.ws.request.headers.clear()
         self.ws.response = None
-        count = await self.node.store.add_connection(self.node.owner, self.user, self.conn)
+        count = await self.node.register(self)
         self.registered = True
         if count > self.settings.max_user_connections:
             self.send(error_frame(LimitExceeded(
@@ -222,8 +222,6 @@ class Session:
                 request.ref))
             await self._refuse(CloseCode.POLICY_VIOLATION, "too many connections for this user")
             return False
-        self.node.sessions.add(self)
-        self.node.metrics.connections.set(len(self.node.sessions))
         welcome: dict[str, Any] = {
             "t": "welcome",
             "conn": self.conn,
@@ -247,22 +245,11 @@ class Session:
 
     async def _cleanup(self) -> None:
         node = self.node
-        was_member = self in node.sessions
-        node.sessions.discard(self)
-        node.metrics.connections.set(len(node.sessions))
-        for ch in list(self.churn_channels) + list(self.metas):
-            await node.unsubscribe(ch, self)
-        channels = list(self.metas)
+        was_member = self.registered
+        if self.registered:
+            await node.unregister(self, [*self.churn_channels, *self.metas])
         self.metas.clear()
         self.churn_channels.clear()
-        try:
-            await node.drop_presence(self.user, self.conn, channels, last=True)
-        except Exception as exc:
-            node.defer_removal(self.user, self.conn, channels)
-            log.warning("cleanup_deferred", conn=self.conn, error=type(exc).__name__)
-        if self.registered:
-            with contextlib.suppress(Exception):
-                await node.store.remove_connection(node.owner, self.user, self.conn)
         code = self.ws.close_code
         if code is not None and not self.closing:
             node.metrics.closes.labels(str(code)).inc()
@@ -277,9 +264,9 @@ class Session:
         """Node shutdown: remove our presence (leaves published), then close with 1012
         and a reconnect hint of a random delay, so clients do not all return at once."""
         channels = list(self.metas)
-        self.metas.clear()
-        with contextlib.suppress(Exception):
-            await self.node.drop_presence(self.user, self.conn, channels, last=True)
+        for i, ch in enumerate(channels):
+            del self.metas[ch]
+            await self.node.exit(ch, self, True, i == len(channels) - 1)
         delay = random.uniform(0, jitter)
         self.close_soon(CloseCode.SERVICE_RESTART, f"server restarting; reconnect in {delay:.1f}s")
 
@@ -365,14 +352,7 @@ class Session:
                 meta = new_meta(self.conn, self._defaults(req.meta), now_ms())
             await self._enter(ch, meta)
         try:
-            if is_churn(ch):
-                reply["churn"] = await node.churn_snapshot(ch)
-            else:
-                presence = await node.channel_snapshot(ch)
-                reply["presence"] = {
-                    u: [m.to_wire() for m in sorted(ms, key=lambda m: m.conn)]
-                    for u, ms in sorted(presence.items())
-                }
+            reply.update(await node.snapshot(ch, fresh=not joined))
         except BaseException:
             # The membership stands (a retried join answers the snapshot), but nothing
             # may pile up behind a joined reply that will not come.
@@ -392,20 +372,14 @@ class Session:
         """Become a member of ``ch`` (diffs held back until :meth:`_release`)."""
         self.backlog[ch] = []
         try:
-            await self.node.subscribe(ch, self)
-            if meta is None:
-                self.churn_channels.add(ch)
-            else:
-                self.metas[ch] = meta
-                await self.node.put_presence(self.user, {ch: meta})
+            await self.node.enter(ch, self, meta)
         except BaseException:
             self.backlog.pop(ch, None)
-            self.churn_channels.discard(ch)
-            if self.metas.pop(ch, None) is not None:
-                with contextlib.suppress(Exception):
-                    await self.node.drop_presence(self.user, self.conn, [ch], not self.metas)
-            await self.node.unsubscribe(ch, self)
             raise
+        if meta is None:
+            self.churn_channels.add(ch)
+        else:
+            self.metas[ch] = meta
 
     def _release(self, ch: str) -> None:
         held = self.backlog.pop(ch, None)
@@ -417,11 +391,10 @@ class Session:
         ch = req.ch
         if ch in self.churn_channels:
             self.churn_channels.discard(ch)
-            await self.node.unsubscribe(ch, self)
+            await self.node.exit(ch, self, False, False)
         elif ch in self.metas:
             del self.metas[ch]
-            await self.node.unsubscribe(ch, self)
-            await self.node.drop_presence(self.user, self.conn, [ch], last=not self.metas)
+            await self.node.exit(ch, self, True, not self.metas)
         else:
             raise NotJoined(f"not joined to {ch}")
         self.send({"t": "left", "ref": req.ref, "ch": ch})
@@ -440,7 +413,7 @@ class Session:
         self.current = patch.over(self.current)
         changed = {ch: meta.patched(patch) for ch, meta in self.metas.items()}
         self.metas.update(changed)
-        await self.node.put_presence(self.user, changed)
+        await self.node.put_metas(self.user, changed)
         self.send({"t": "ok", "ref": req.ref})
         if patch.device is not None:  # engagement: devices used
             self.node.engagement_device(self.user, patch.device)

@@ -63,3 +63,23 @@ class SlidingWindow:
         """True when no event is left in the window (the object can be dropped)."""
         self._expire(now)
         return not self.events
+
+
+class KeyedWindows:
+    """One :class:`SlidingWindow` per key (a user, say), made on first use; idle ones
+    are dropped once there are more than ``4 * live + 1000`` of them, so the map
+    stays bounded by the live population rather than by everyone ever seen."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit = limit
+        self.window = window
+        self._windows: dict[str, SlidingWindow] = {}
+
+    def get(self, key: str, now: float, live: int) -> SlidingWindow:
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) > 4 * max(1, live) + 1000:
+                for k in [k for k, w in self._windows.items() if w.idle(now)]:
+                    del self._windows[k]
+            window = self._windows[key] = SlidingWindow(self.limit, self.window)
+        return window

@@ -1,0 +1,55 @@
+"""Read paths of the node: join snapshots, user queries, channel presence.
+
+Each returns the wire shape the protocol defines (PROTOCOL.md), so the WebSocket
+session and the HTTP API answer from one code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cluster.base import Store
+from gateway.hub import Hub
+from presence.channels import churn_org, is_churn
+from presence.churn import MAX_SNAPSHOT
+from presence.meta import metas_to_wire, overall_status, presence_to_wire
+
+
+async def snapshot(store: Store, hub: Hub, ch: str, fresh: bool) -> dict[str, Any]:
+    """The body of a ``joined`` reply: ``{"presence": ...}`` or ``{"churn": [...]}``.
+
+    ``fresh`` reads the Store and seeds the hub's mirror (a first local join);
+    otherwise a channel with a local mirror is answered from it, with no Store read
+    (a re-join: cheap, so that re-joining cannot make the node do a Store read each
+    time).
+    """
+    if is_churn(ch):
+        records = await store.churn_snapshot(churn_org(ch), MAX_SNAPSHOT)
+        return {"churn": [r.to_wire() for r in records]}
+    mirror = None if fresh else hub.mirror(ch)
+    if mirror is not None:
+        return {"presence": presence_to_wire({u: mirror.metas(u) for u in mirror.users()})}
+    presence = await store.channel_presence(ch)
+    hub.seed(ch, presence)
+    return {"presence": presence_to_wire(presence)}
+
+
+async def query_users(store: Store, users: Sequence[str]) -> dict[str, Any]:
+    """The ``users`` body of a ``result`` reply (also ``GET /v1/presence``)."""
+    found = await store.user_presence(users)
+    out: dict[str, Any] = {}
+    for user in users:
+        up = found.get(user)
+        metas = list(up.metas) if up is not None else []
+        out[user] = {
+            "status": overall_status(metas),
+            "metas": metas_to_wire(metas),
+            "last_seen": None if metas or up is None else up.last_seen,
+        }
+    return out
+
+
+async def channel_presence(store: Store, ch: str) -> dict[str, list[dict[str, Any]]]:
+    """The ``presence`` map of a channel (``GET /v1/channels/<ch>/presence``)."""
+    return presence_to_wire(await store.channel_presence(ch))

@@ -1,0 +1,117 @@
+"""Gap repair: bring the local view of a channel back to the Store's truth.
+
+After a broker gap (a failover lost the channel's subscription for a while) messages
+may have been lost. For each such channel with local members the repair re-asserts
+this node's own metas there, reads the channel from the Store and sends local members
+the difference between their view (the hub's mirror) and the Store.
+
+Serialised with live delivery: from the moment the Store read starts until its result
+is applied, live messages for that channel are held and then applied in order. A leave
+that arrives during the read can therefore never be undone by the (older) read, and a
+join during the read never turns into a spurious leave. A repair that fails (the Store
+is failing over too) is retried with backoff until it succeeds or the channel has no
+local member left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable
+
+import structlog
+
+from cluster.base import Store
+from gateway.hub import Hub
+from gateway.ports import now_ms
+from presence.channels import is_churn
+
+log = structlog.get_logger("presence.repair")
+
+Delivery = Callable[[], None]
+
+
+class GapRepair:
+    """Per-channel repairs and the hold on live delivery while one reads the Store."""
+
+    def __init__(self, store: Store, hub: Hub,
+                 reassert: Callable[[str], Awaitable[None]]) -> None:
+        self.store = store
+        self.hub = hub
+        self.reassert = reassert
+        self._held: dict[str, list[Delivery]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self.repaired = 0
+
+    def deliver(self, ch: str, apply: Delivery) -> None:
+        """Apply a live message now, or after the channel's running Store read."""
+        held = self._held.get(ch)
+        if held is None:
+            apply()
+        else:
+            held.append(apply)
+
+    async def on_gap(self, topics: Iterable[str]) -> None:
+        """The broker's gap handler: start (or re-arm) a repair of each channel."""
+        for ch in topics:
+            if is_churn(ch) or ch not in self.hub.channels:
+                continue
+            if ch in self._tasks:
+                self._again.add(ch)  # a gap during a repair: read once more after it
+                continue
+            self._tasks[ch] = asyncio.ensure_future(self._repair(ch))
+
+    async def wait_idle(self) -> None:
+        """Wait until no repair runs (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()))
+
+    async def _repair(self, ch: str) -> None:
+        delay = 0.2
+        try:
+            while ch in self.hub.channels:
+                self._again.discard(ch)
+                if await self._attempt(ch):
+                    if ch not in self._again:
+                        return
+                    continue
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self._tasks.pop(ch, None)
+            self._release(ch)
+
+    async def _attempt(self, ch: str) -> bool:
+        try:
+            await self.reassert(ch)
+            self._held.setdefault(ch, [])
+            fresh = await self.store.channel_presence(ch)
+        except Exception as exc:
+            log.warning("gap_repair_failed", ch=ch, error=type(exc).__name__)
+            self._release(ch)
+            return False
+        mirror = self.hub.mirror(ch)
+        if mirror is not None:
+            ts = now_ms()
+            truth = {(u, m.conn): m for u, ms in fresh.items() for m in ms}
+            for user in list(mirror.users()):
+                for meta in mirror.metas(user):
+                    if (user, meta.conn) not in truth:
+                        self.hub.on_leave(ch, user, meta.conn, ts, ts)
+            seen = {(u, m.conn): m for u in mirror.users() for m in mirror.metas(u)}
+            for (user, conn), meta in truth.items():
+                if seen.get((user, conn)) != meta:
+                    self.hub.on_join(ch, user, meta, ts)
+        self._release(ch)
+        self.repaired += 1
+        log.info("gap_repaired", ch=ch)
+        return True
+
+    def _release(self, ch: str) -> None:
+        for apply in self._held.pop(ch, None) or ():
+            apply()
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await self.wait_idle()
