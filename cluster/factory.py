@@ -14,28 +14,28 @@ def make_backend(settings: Settings) -> tuple[Broker, Store]:
 
     Broker and Store get separate connections (each owns and closes its own).
     """
-    if settings.redis_cluster or settings.redis_url:
+    if settings.backend.redis_cluster or settings.backend.redis_url:
         from cluster.redis_broker import RedisBroker
         from cluster.redis_conn import RedisConfig
         from cluster.redis_store import RedisStore
 
-        if settings.redis_cluster:
-            config = RedisConfig(cluster=settings.redis_cluster)
+        if settings.backend.redis_cluster:
+            config = RedisConfig(cluster=settings.backend.redis_cluster)
         else:
-            config = RedisConfig(url=settings.redis_url)
-        return RedisBroker(config), RedisStore(config, settings.last_seen_days)
-    return MemoryBroker(), MemoryStore(settings.last_seen_days)
+            config = RedisConfig(url=settings.backend.redis_url)
+        return RedisBroker(config), RedisStore(config, settings.backend.last_seen_days)
+    return MemoryBroker(), MemoryStore(settings.backend.last_seen_days)
 
 
 def make_engagement(settings: Settings) -> EngagementStore:
     """The engagement store the settings ask for: memory by default, Redis with the
     same ``redis_cluster`` / ``redis_url`` settings as :func:`make_backend` (its own
     connections)."""
-    if settings.redis_cluster or settings.redis_url:
+    if settings.backend.redis_cluster or settings.backend.redis_url:
         from cluster.engagement_redis import RedisEngagement
         from cluster.redis_conn import RedisConfig
 
-        if settings.redis_cluster:
-            return RedisEngagement(RedisConfig(cluster=settings.redis_cluster))
-        return RedisEngagement(RedisConfig(url=settings.redis_url))
+        if settings.backend.redis_cluster:
+            return RedisEngagement(RedisConfig(cluster=settings.backend.redis_cluster))
+        return RedisEngagement(RedisConfig(url=settings.backend.redis_url))
     return MemoryEngagement()

@@ -41,12 +41,13 @@ class Authenticator:
     """Verifies tokens with the configured key, algorithm, issuer and audience."""
 
     def __init__(self, settings: Settings) -> None:
-        self.algorithm = settings.jwt_algorithm
-        self.key = settings.jwt_public_key if self.algorithm != "HS256" else settings.jwt_secret
+        self.algorithm = settings.auth.jwt_algorithm
+        auth = settings.auth
+        self.key = auth.jwt_public_key if self.algorithm != "HS256" else auth.jwt_secret
         if not self.key:
             raise ValueError("no JWT key configured")
-        self.issuer = settings.jwt_issuer or None
-        self.audience = settings.jwt_audience or None
+        self.issuer = settings.auth.jwt_issuer or None
+        self.audience = settings.auth.jwt_audience or None
 
     def verify(self, token: str | None) -> Claims:
         if not token:

@@ -82,8 +82,8 @@ async def ingest_churn(
             s.factors,
             s.model,
             now,
-            settings.churn_thresholds,
-            settings.churn_min_delta,
+            settings.churn.churn_thresholds,
+            settings.churn.churn_min_delta,
         )
         records.append(record)
         if publish:

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import uvloop
 
 from gateway.auth import ROLES, TIERS, mint_token
+from gateway.config import load_settings
 from gateway.logs import configure_logging
-from presence.settings import Settings, SettingsError, load_settings
+from presence.settings import Settings, SettingsError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,12 +56,12 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _token(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    if not settings.jwt_secret:
+    if not settings.auth.jwt_secret:
         print("presence token: set PRESENCE_JWT_SECRET (or jwt_secret in --config) to the "
               "server's secret", file=sys.stderr)
         return 2
     channels = [c.strip() for c in args.channels.split(",") if c.strip()]
-    print(mint_token(settings.jwt_secret, args.user, channels, args.role, args.tier, args.ttl))
+    print(mint_token(settings.auth.jwt_secret, args.user, channels, args.role, args.tier, args.ttl))
     return 0
 
 
@@ -89,13 +90,13 @@ async def _serve(settings: Settings) -> None:
         from gateway.demo import run_demo
 
         demo_task = asyncio.ensure_future(run_demo(
-            f"ws://{settings.host}:{gateway.port}/ws",
-            f"http://{settings.admin_host}:{gateway.admin_port}",
-            settings.jwt_secret, stop,
+            f"ws://{settings.transport.host}:{gateway.port}/ws",
+            f"http://{settings.transport.admin_host}:{gateway.admin_port}",
+            settings.auth.jwt_secret, stop,
         ))
-    print(f"presence: serving ws://{settings.host}:{gateway.port}/ws "
-          f"(admin http://{settings.admin_host}:{gateway.admin_port}, "
-          f"dashboard http://{settings.host}:{gateway.port}/dashboard)", file=sys.stderr,
+    print(f"presence: serving ws://{settings.transport.host}:{gateway.port}/ws "
+          f"(admin http://{settings.transport.admin_host}:{gateway.admin_port}, "
+          f"dashboard http://{settings.transport.host}:{gateway.port}/dashboard)", file=sys.stderr,
           flush=True)
     await stop.wait()
     if demo_task is not None:
@@ -106,7 +107,7 @@ async def _serve(settings: Settings) -> None:
 
 def _dev_secret(settings: Settings) -> Settings:
     """With no secret configured, make one up and print a token to try the server."""
-    if settings.jwt_secret or settings.jwt_algorithm != "HS256":
+    if settings.auth.jwt_secret or settings.auth.jwt_algorithm != "HS256":
         return settings
     secret = secrets.token_urlsafe(32)
     settings = settings.with_overrides(jwt_secret=secret)
@@ -115,8 +116,8 @@ def _dev_secret(settings: Settings) -> Settings:
         "presence: no PRESENCE_JWT_SECRET set; generated a development secret for this run.\n"
         f"  export PRESENCE_JWT_SECRET={secret}\n"
         f"  dev token (user demo, role admin, all channels, 24 h):\n  {token}\n"
-        f"  dashboard: http://{settings.host}:{settings.port}/dashboard#token={token}"
-        f"&admin=http://{settings.admin_host}:{settings.admin_port}"
+        f"  dashboard: http://{settings.transport.host}:{settings.transport.port}/dashboard#token={token}"
+        f"&admin=http://{settings.transport.admin_host}:{settings.transport.admin_port}"
         + ("&team=team:w1&org=acme" if settings.demo else ""),
         file=sys.stderr, flush=True,
     )

@@ -68,7 +68,8 @@ class Node:
         self.auth = Authenticator(settings)
         self.metrics = Metrics()
         self.stats = NodeStats(self.metrics)
-        self.hub = Hub(settings.coalesce_ms, settings.max_buffer, self.stats.on_flush, now_ms)
+        self.hub = Hub(settings.transport.coalesce_ms, settings.transport.max_buffer,
+                       self.stats.on_flush, now_ms)
         self.sessions: set[LocalConnection] = set()
         self.draining = False
         self._ids = itertools.count(1)
@@ -80,19 +81,20 @@ class Node:
         self.owner = self._id_prefix
         self.subscriptions = Subscriptions(broker, self.hub, self.metrics)
         self.repair = GapRepair(store, self.hub, self._reassert_channel)
-        self.leases = Leases(store, self.owner, settings.node_lease, self.publish,
+        self.leases = Leases(store, self.owner, settings.backend.node_lease, self.publish,
                              self.reassert_all, self.connection_count)
-        self.health = Health(self._probe, settings.ready_grace, self.metrics, self._recovered)
+        self.health = Health(self._probe, settings.backend.ready_grace, self.metrics,
+                             self._recovered)
         self.writes = RetryQueue()
         # Engagement signals (gateway/engagement_feed.py); tests swap the store and clock.
         self.engagement = engagement or make_engagement(settings)
         self.clock_ms: Callable[[], int] = now_ms
         self.feed = EngagementFeed()
         # A client's write rides through a failover this long before ``overloaded``.
-        self._write_retry = min(5.0, settings.ready_grace)
+        self._write_retry = min(5.0, settings.backend.ready_grace)
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Future[None]] = set()
-        self._join_limits = KeyedWindows(settings.joins_per_minute, 60.0)
+        self._join_limits = KeyedWindows(settings.quotas.joins_per_minute, 60.0)
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -278,7 +280,7 @@ class Node:
             "connections": len(self.sessions), "channels": len(self.hub.channels),
             "members": self.hub.member_count(),
             "backend": {"type": type(self.store).__name__, "healthy": self.health.ok},
-            "draining": self.draining, "max_connections": self.settings.max_connections,
+            "draining": self.draining, "max_connections": self.settings.transport.max_connections,
         }
 
     async def cluster_stats(self) -> dict[str, Any]:

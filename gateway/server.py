@@ -91,8 +91,8 @@ class Gateway:
         self.server: Server | None = None
         self.admin_runner: web.AppRunner | None = None
         self.autoscaler: Any = None
-        self.port = settings.port
-        self.admin_port = settings.admin_port
+        self.port = settings.transport.port
+        self.admin_port = settings.transport.admin_port
         self.stopped = asyncio.Event()
 
     async def _handler(self, ws: ServerConnection) -> None:
@@ -115,7 +115,7 @@ class Gateway:
     async def start(self) -> None:
         """Admin API first (liveness answers while the backend is awaited), then the
         node, then the public listener."""
-        s = self.settings
+        s = self.settings.transport
         await self._start_admin()
         await self.node.start()
         if self.autoscaler is not None:
@@ -149,7 +149,8 @@ class Gateway:
         app, self.autoscaler = build_admin(self.node)
         self.admin_runner = web.AppRunner(app, access_log=None)
         await self.admin_runner.setup()
-        site = web.TCPSite(self.admin_runner, self.settings.admin_host, self.settings.admin_port)
+        t = self.settings.transport
+        site = web.TCPSite(self.admin_runner, t.admin_host, t.admin_port)
         await site.start()
         addresses = self.admin_runner.addresses
         if addresses:
@@ -166,9 +167,9 @@ class Gateway:
         if self.server is not None:
             self.server.close(close_connections=False)
         sessions = list(node.sessions)
-        jitter = self.settings.reconnect_jitter
+        jitter = self.settings.lifetime.reconnect_jitter
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.drain_timeout):
+            async with asyncio.timeout(self.settings.lifetime.drain_timeout):
                 await asyncio.gather(*(s.drain(jitter) for s in sessions))
                 node.hub.flush_all()
                 if self.server is not None:

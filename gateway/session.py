@@ -74,7 +74,7 @@ class Session:
         self._done = False
         now = time.monotonic()
         s = self.settings
-        self.updates = TokenBucket(s.updates_per_second, s.updates_burst, now)
+        self.updates = TokenBucket(s.quotas.updates_per_second, s.quotas.updates_burst, now)
         # Created on the first error: most connections never make one (memory per
         # connection is a target, and a deque costs ~600 bytes).
         self.errors: SlidingWindow | None = None
@@ -105,7 +105,7 @@ class Session:
             self.backlog[ch].append(data)
             return
         broadcast([self.ws], data)
-        if self.buffered() > self.settings.max_buffer:
+        if self.buffered() > self.settings.transport.max_buffer:
             self.slow_consumer()
 
     def direct(self, ch: str) -> ServerConnection | None:
@@ -160,7 +160,7 @@ class Session:
             if node.draining:
                 await self._refuse(CloseCode.SERVICE_RESTART, "server restarting")
                 return
-            if node.connection_count() >= self.settings.max_connections:
+            if node.connection_count() >= self.settings.transport.max_connections:
                 await self._refuse(CloseCode.TRY_AGAIN_LATER, "overloaded, reconnect later")
                 return
             if not await self._authenticate():
@@ -188,7 +188,7 @@ class Session:
     async def _authenticate(self) -> bool:
         """Wait for ``hello``, verify the token, register; False if the socket closed."""
         try:
-            async with asyncio.timeout(self.settings.auth_timeout):
+            async with asyncio.timeout(self.settings.auth.auth_timeout):
                 message = await self.ws.recv()
         except TimeoutError:
             await self._refuse(CloseCode.UNAUTHORIZED, "no hello in time")
@@ -216,9 +216,9 @@ class Session:
         self.ws.response = None
         count = await self.node.register(self)
         self.registered = True
-        if count > self.settings.max_user_connections:
+        if count > self.settings.quotas.max_user_connections:
             self.send(error_frame(LimitExceeded(
-                f"at most {self.settings.max_user_connections} connections per user"),
+                f"at most {self.settings.quotas.max_user_connections} connections per user"),
                 request.ref))
             await self._refuse(CloseCode.POLICY_VIOLATION, "too many connections for this user")
             return False
@@ -227,8 +227,9 @@ class Session:
             "conn": self.conn,
             "user": self.user,
             "node": self.node.node_id,
-            "ping_interval": _num(self.settings.ping_interval),
-            "limits": {"max_channels": self._max_channels(), "max_frame": self.settings.max_frame},
+            "ping_interval": _num(self.settings.transport.ping_interval),
+            "limits": {"max_channels": self._max_channels(),
+                       "max_frame": self.settings.transport.max_frame},
         }
         if request.ref is not None:
             welcome["ref"] = request.ref
@@ -241,7 +242,8 @@ class Session:
     def _max_channels(self) -> int:
         assert self.claims is not None
         s = self.settings
-        return s.max_channels_paid if self.claims.tier == "paid" else s.max_channels_free
+        q = s.quotas
+        return q.max_channels_paid if self.claims.tier == "paid" else q.max_channels_free
 
     async def _cleanup(self) -> None:
         node = self.node
@@ -279,7 +281,7 @@ class Session:
             frame = decode(message, self.fmt)
         except MalformedFrame as exc:
             self.malformed += 1
-            if self.malformed > self.settings.max_malformed:
+            if self.malformed > self.settings.quotas.max_malformed:
                 self.close_soon(CloseCode.MALFORMED, "too many malformed frames")
             else:
                 self._error(exc, None)
@@ -304,7 +306,7 @@ class Session:
             self.node.metrics.rate_limited.labels(exc.code).inc()
         self.send(error_frame(exc, ref))
         if self.errors is None:
-            self.errors = SlidingWindow(self.settings.max_errors_per_minute, 60.0)
+            self.errors = SlidingWindow(self.settings.quotas.max_errors_per_minute, 60.0)
         if self.errors.hit(time.monotonic()) > 0:
             self.close_soon(CloseCode.POLICY_VIOLATION, "too many errors")
 
@@ -341,7 +343,7 @@ class Session:
             retry = node.join_limiter(self.user).hit(time.monotonic())
             if retry > 0:
                 raise RateLimited(
-                    f"at most {self.settings.joins_per_minute} joins per minute",
+                    f"at most {self.settings.quotas.joins_per_minute} joins per minute",
                     retry_after=retry,
                 )
             node.check_backend()
@@ -403,7 +405,7 @@ class Session:
         retry = self.updates.take(time.monotonic())
         if retry > 0:
             raise RateLimited(
-                f"at most {_num(self.settings.updates_per_second)} updates per second",
+                f"at most {_num(self.settings.quotas.updates_per_second)} updates per second",
                 retry_after=retry,
             )
         if not self.metas:

@@ -1,22 +1,18 @@
-"""Typed settings with visible defaults, read once at start-up.
+"""Typed settings with visible defaults: frozen dataclasses by concern.
 
-Sources, later ones winning: the defaults below, a TOML file (``--config``), environment
-variables ``PRESENCE_<FIELD>`` (``PRESENCE_AUTOSCALE_<FIELD>`` for the ``[autoscale]``
-table), then explicit overrides (command-line flags). Every value is checked on
-construction; a bad one raises :class:`SettingsError` naming the setting.
+:class:`Settings` groups the knobs of a gateway process by concern (``auth``,
+``transport``, ``quotas``, ``backend``, ``lifetime``, ``churn``, ``autoscale``). Every
+value is checked on construction; a bad one, or one that cannot be honoured, raises
+:class:`SettingsError` naming the setting. Setting names are unique across the groups,
+so a setting is known by its plain name too (``max_frame``, ``PRESENCE_MAX_FRAME``):
+:meth:`Settings.of` builds from plain names. Reading files and the environment is
+the gateway's job (gateway/config.py); nothing here does I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import tomllib
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -82,47 +78,97 @@ class AutoscaleSettings:
             raise SettingsError("autoscale.memory_target <= memory_max must lie in (0, 1]")
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Every knob of a gateway process. Defaults follow PROTOCOL.md."""
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        if not getattr(obj, name) > 0:  # also refuses NaN
+            raise SettingsError(f"{name} must be positive")
 
-    host: str = "127.0.0.1"
-    port: int = 8765
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 9090
-    node_id: str = ""
-    # auth
+
+def _not_negative(obj: object, *names: str) -> None:
+    for name in names:
+        if not getattr(obj, name) >= 0:
+            raise SettingsError(f"{name} must not be negative")
+
+
+def _at_least_one(obj: object, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise SettingsError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Token checks (PROTOCOL.md "Tokens")."""
+
     jwt_secret: str = ""
     jwt_algorithm: str = "HS256"
     jwt_public_key: str = ""
     jwt_issuer: str = ""
     jwt_audience: str = ""
     auth_timeout: float = 5.0
-    # transport
+
+    def __post_init__(self) -> None:
+        _positive(self, "auth_timeout")
+        if self.jwt_algorithm not in ("HS256", "RS256", "ES256"):
+            raise SettingsError("jwt_algorithm must be HS256, RS256 or ES256")
+        if self.jwt_algorithm != "HS256" and not self.jwt_public_key:
+            raise SettingsError("jwt_public_key is required for RS256/ES256")
+
+
+@dataclass(frozen=True, slots=True)
+class TransportSettings:
+    """Listeners, WebSocket keepalive and frame bounds, fan-out coalescing."""
+
+    host: str = "127.0.0.1"
+    port: int = 8765
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9090
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     max_frame: int = 4096
     max_buffer: int = 512 * 1024
     max_connections: int = 20000
     listen_backlog: int = 2048
-    drain_timeout: float = 10.0
-    reconnect_jitter: float = 5.0
-    # quotas
+    coalesce_ms: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("port", "admin_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise SettingsError(f"{name} must be a TCP port (0-65535)")
+        _positive(self, "ping_interval", "ping_timeout")
+        _at_least_one(self, "max_frame", "max_buffer", "max_connections", "listen_backlog")
+        if not 0 <= self.coalesce_ms <= 100:
+            raise SettingsError("coalesce_ms must lie in 0..100 (PROTOCOL.md caps it at 100)")
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaSettings:
+    """Per-connection and per-user limits (PROTOCOL.md "Default quotas")."""
+
     max_channels_free: int = 50
     max_channels_paid: int = 500
     joins_per_minute: int = 100
     updates_per_second: float = 10.0
     updates_burst: int = 20
-    max_user_connections: int = 10
-    max_errors_per_minute: int = 30
-    max_malformed: int = 5
     # Every request of a connection (join, re-join, leave, update, query, ping, refresh)
     # draws on one bucket: a client cannot make the node do unbounded work.
     requests_per_second: float = 20.0
     requests_burst: int = 40
-    # fan-out
-    coalesce_ms: int = 20
-    # backend
+    max_user_connections: int = 10
+    max_errors_per_minute: int = 30
+    max_malformed: int = 5
+
+    def __post_init__(self) -> None:
+        _at_least_one(self, "max_channels_free", "max_channels_paid", "joins_per_minute",
+                      "updates_burst", "requests_burst", "max_user_connections",
+                      "max_errors_per_minute", "max_malformed")
+        _positive(self, "updates_per_second", "requests_per_second")
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """Where shared state lives, and how the node keeps its share of it alive."""
+
     backend: str = "memory"
     redis_url: str = ""
     redis_cluster: str = ""
@@ -131,158 +177,100 @@ class Settings:
     # must not take every pod out of the Service).
     ready_grace: float = 10.0
     last_seen_days: int = 30
-    # churn
-    churn_min_delta: float = 0.05
-    churn_thresholds: tuple[float, float, float] = (0.30, 0.60, 0.80)
-    # misc
-    log_level: str = "info"
-    demo: bool = False
-    autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
 
     def __post_init__(self) -> None:
-        for name in ("port", "admin_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise SettingsError(f"{name} must be a TCP port (0-65535)")
-        for name in ("auth_timeout", "ping_interval", "ping_timeout", "node_lease"):
-            if not getattr(self, name) > 0:
-                raise SettingsError(f"{name} must be positive")
-        for name in ("max_frame", "max_buffer", "max_connections", "max_user_connections",
-                     "listen_backlog",
-                     "max_channels_free", "max_channels_paid", "joins_per_minute",
-                     "updates_burst", "requests_burst"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be at least 1")
-        for name in ("updates_per_second", "requests_per_second"):
-            if not getattr(self, name) > 0:
-                raise SettingsError(f"{name} must be positive")
-        for name in ("max_errors_per_minute", "max_malformed", "last_seen_days"):
-            if getattr(self, name) < 1:
-                raise SettingsError(f"{name} must be at least 1")
-        for name in ("drain_timeout", "reconnect_jitter", "ready_grace"):
-            if not getattr(self, name) >= 0:
-                raise SettingsError(f"{name} must not be negative")
-        if not 0 <= self.coalesce_ms <= 100:
-            raise SettingsError("coalesce_ms must lie in 0..100 (PROTOCOL.md caps it at 100)")
-        if self.jwt_algorithm not in ("HS256", "RS256", "ES256"):
-            raise SettingsError("jwt_algorithm must be HS256, RS256 or ES256")
-        if self.jwt_algorithm != "HS256" and not self.jwt_public_key:
-            raise SettingsError("jwt_public_key is required for RS256/ES256")
         if self.backend not in ("memory", "redis"):
             raise SettingsError("backend must be memory or redis")
         if self.backend == "redis" and not (self.redis_url or self.redis_cluster):
             raise SettingsError("backend = redis needs redis_cluster or redis_url")
+        _positive(self, "node_lease")
+        _not_negative(self, "ready_grace")
+        _at_least_one(self, "last_seen_days")
+
+    @property
+    def uses_redis(self) -> bool:
+        return bool(self.redis_cluster or self.redis_url)
+
+
+@dataclass(frozen=True, slots=True)
+class LifetimeSettings:
+    """How connections end: the drain on shutdown and its reconnect hints."""
+
+    drain_timeout: float = 10.0
+    reconnect_jitter: float = 5.0
+
+    def __post_init__(self) -> None:
+        _not_negative(self, "drain_timeout", "reconnect_jitter")
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnSettings:
+    """The churn publication rule and bands (PROTOCOL.md "Churn-risk channels")."""
+
+    churn_min_delta: float = 0.05
+    churn_thresholds: tuple[float, float, float] = (0.30, 0.60, 0.80)
+
+    def __post_init__(self) -> None:
         t = self.churn_thresholds
         if not (len(t) == 3 and 0 < t[0] < t[1] < t[2] < 1):
             raise SettingsError("churn_thresholds must be three increasing numbers in (0, 1)")
         if not 0 <= self.churn_min_delta <= 1:
             raise SettingsError("churn_min_delta must lie in [0, 1]")
 
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every knob of a gateway process, by concern. Defaults follow PROTOCOL.md."""
+
+    node_id: str = ""
+    log_level: str = "info"
+    demo: bool = False
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    backend: BackendSettings = field(default_factory=BackendSettings)
+    lifetime: LifetimeSettings = field(default_factory=LifetimeSettings)
+    churn: ChurnSettings = field(default_factory=ChurnSettings)
+    autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
+
+    def __post_init__(self) -> None:
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise SettingsError("log_level must be debug, info, warning or error")
+
+    @classmethod
+    def of(cls, **values: Any) -> Settings:
+        """Settings from plain names (``max_frame=...``; ``autoscale`` takes an
+        :class:`AutoscaleSettings`); unknown names raise :class:`SettingsError`."""
+        return cls().with_overrides(**values)
+
     def with_overrides(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        """A copy with settings replaced by plain name, validated again."""
+        top: dict[str, Any] = {}
+        groups: dict[str, dict[str, Any]] = {}
+        for name, value in changes.items():
+            group = GROUP_OF.get(name)
+            if group is None:
+                raise SettingsError(f"unknown setting {name}")
+            if group == "":
+                top[name] = value
+            else:
+                groups.setdefault(group, {})[name] = value
+        for group, values in groups.items():
+            top[group] = dataclasses.replace(getattr(self, group), **values)
+        return dataclasses.replace(self, **top)
 
 
-def float_or(value: Any, default: float = 0.0) -> float:
-    """``float(value)``, or ``default`` when it is not a number (the cast reports it)."""
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
+GROUPS = ("auth", "transport", "quotas", "backend", "lifetime", "churn")  # order of docs
+"""The groups whose settings are known by their plain names."""
 
+_GROUP_TYPES: dict[str, type] = {
+    "auth": AuthSettings, "transport": TransportSettings, "quotas": QuotaSettings,
+    "backend": BackendSettings, "lifetime": LifetimeSettings, "churn": ChurnSettings,
+}
 
-def _cast(name: str, tp: Any, value: Any) -> Any:
-    """Cast a TOML or environment value to the annotated type ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0",
-                                                        "false", "no", "off"):
-            return value.lower() in ("1", "true", "yes", "on")
-        raise SettingsError(f"{name} must be a boolean, got {value!r}")
-    if tp in (int, float, str):
-        if tp is not str and isinstance(value, bool):  # int(True) == 1: refuse it
-            raise SettingsError(f"{name} must be {tp.__name__}, got {value!r}")
-        if tp is float and isinstance(value, str | float) and not math.isfinite(float_or(value)):
-            raise SettingsError(f"{name} must be a finite number, got {value!r}")
-        try:
-            if tp is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return tp(value)
-        except (TypeError, ValueError):
-            raise SettingsError(f"{name} must be {tp.__name__}, got {value!r}") from None
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            raise SettingsError(f"{name} must be a list, got {value!r}")
-        args = typing.get_args(tp)
-        item_tp = args[0]
-        if item_tp is PeakWindow:
-            return tuple(_build(PeakWindow, v, f"{name}[]") for v in value)
-        if item_tp in (int, float, str):
-            return tuple(_cast(name, item_tp, v) for v in value)
-    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
-        return _build(tp, value, name)
-    if isinstance(tp, types.UnionType):
-        return value
-    raise SettingsError(f"{name}: unsupported value {value!r}")
-
-
-def _build(cls: Any, values: Mapping[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in known:
-            raise SettingsError(f"unknown setting {prefix + '.' if prefix else ''}{key}")
-        kwargs[key] = _cast(f"{prefix + '.' if prefix else ''}{key}", hints[key], value)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise SettingsError(f"{prefix or 'settings'}: {exc}") from None
-
-
-def _env_values(env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    auto: dict[str, Any] = {}
-    top = {f.name for f in dataclasses.fields(Settings)}
-    sub = {f.name for f in dataclasses.fields(AutoscaleSettings)} - {"peaks"}
-    for key, value in env.items():
-        if not key.startswith("PRESENCE_"):
-            continue
-        name = key[len("PRESENCE_") :].lower()
-        if name.startswith("autoscale_") and name[len("autoscale_") :] in sub:
-            auto[name[len("autoscale_") :]] = value
-        elif name in top and name != "autoscale":
-            out[name] = value
-    if auto:
-        out["autoscale"] = auto
-    return out
-
-
-def load_settings(
-    config_file: str | Path | None = None,
-    env: Mapping[str, str] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> Settings:
-    """Build the settings from defaults, a TOML file, ``PRESENCE_*`` and overrides."""
-    merged: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            with open(config_file, "rb") as fh:
-                merged.update(tomllib.load(fh))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise SettingsError(f"config file {config_file}: {exc}") from None
-    env_values = _env_values(os.environ if env is None else env)
-    if not isinstance(merged.get("autoscale", {}), dict):
-        raise SettingsError("autoscale must be a table")
-    auto = dict(merged.get("autoscale", {}))
-    auto.update(env_values.pop("autoscale", {}))
-    merged.update(env_values)
-    if auto:
-        merged["autoscale"] = auto
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            merged[key] = value
-    settings: Settings = _build(Settings, merged, "")
-    return settings
+GROUP_OF: dict[str, str] = {
+    **{f.name: "" for f in dataclasses.fields(Settings) if f.name not in GROUPS},
+    **{f.name: group for group, cls in _GROUP_TYPES.items() for f in dataclasses.fields(cls)},
+}
+"""Plain setting name -> its group attribute ("" for the top level; ``autoscale`` is
+one top-level setting holding its own table)."""

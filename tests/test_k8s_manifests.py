@@ -21,8 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.config import load_settings
 from gateway.metrics import Metrics
-from presence.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "config" / "k8s"
@@ -153,8 +153,9 @@ def test_environment_loads_as_settings() -> None:
     values["PRESENCE_JWT_SECRET"] = "from-the-secret"
     values["PRESENCE_NODE_ID"] = "presence-gateway-abc12"
     s = load_settings(env=values)
-    assert (s.port, s.admin_port, s.admin_host) == (8765, 9090, "0.0.0.0")
-    assert s.redis_cluster.count(":6379") == 3
+    t = s.transport
+    assert (t.port, t.admin_port, t.admin_host) == (8765, 9090, "0.0.0.0")
+    assert s.backend.redis_cluster.count(":6379") == 3
     hpa = one("HorizontalPodAutoscaler")["spec"]
     assert (s.autoscale.min_replicas, s.autoscale.max_replicas) == (
         hpa["minReplicas"], hpa["maxReplicas"])

@@ -116,7 +116,7 @@ async def test_nothing_published_when_nothing_moved(backend: Any) -> None:
 
 async def test_settings_thresholds_and_min_delta_are_used(backend: Any) -> None:
     store, broker, rec = backend
-    s = Settings(churn_thresholds=(0.1, 0.2, 0.9), churn_min_delta=0.5)
+    s = Settings.of(churn_thresholds=(0.1, 0.2, 0.9), churn_min_delta=0.5)
     await ingest_churn(store, broker, s, req(("a", 0.25)), 1)
     counts = await ingest_churn(store, broker, s, req(("a", 0.70)), 2)  # +0.45, same band
     assert counts["published"] == 0
