@@ -270,7 +270,7 @@ class RedisBroker:
     async def healthy(self) -> bool:
         if self._closed or self._orphans:
             return False
-        return await self.redis.ping_all()
+        return await self.redis.healthy()
 
 
 if TYPE_CHECKING:

@@ -185,13 +185,24 @@ class Topology:
         return c
 
     async def refresh(self) -> None:
-        """Re-read the slot map (cluster); a no-op for a single Redis."""
-        if self.cluster is not None:
-            await guarded(self.cluster.nodes_manager.initialize(), self.config.op_timeout)
+        """Re-read the slot map (cluster; a no-op for a single Redis) and close the
+        plain clients of nodes that are no longer masters (a dead or demoted node:
+        nothing should keep talking to it)."""
+        if self.cluster is None:
+            return
+        await guarded(self.cluster.nodes_manager.initialize(), self.config.op_timeout)
+        current = set(self.masters())
+        stale = [a for a in self._node_clients if a not in current]
+        for addr in stale:
+            client = self._node_clients.pop(addr)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(client.aclose(), self.config.ping_timeout)
 
     def refresh_soon(self) -> None:
         """Re-read the slot map in the background (one refresh at a time; failures are
         ignored: the next failed write asks again)."""
+        if self.cluster is None:
+            return
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.create_task(self._refresh_quietly())
 
@@ -199,9 +210,27 @@ class Topology:
         with contextlib.suppress(BackendUnavailable):
             await self.refresh()
 
-    async def ping_all(self) -> bool:
-        """True when every master answers PING (and, in a cluster, reports
-        ``cluster_state:ok``) within ``ping_timeout``."""
+    async def healthy(self) -> bool:
+        """True when reads and writes of every slot work now.
+
+        That is: every master of the current slot map answers PING and (cluster)
+        reports ``cluster_state:ok``, within ``ping_timeout``. When one does not, the
+        slot map is re-read once and the masters of the new map are asked: after a
+        failover the dead master is no longer in it (its replica is), so health
+        follows the cluster instead of probing a dead node forever. Before the
+        promotion the dead master still owns its slots, and health is rightly False.
+        """
+        if await self._masters_answer():
+            return True
+        if self.cluster is None:
+            return False
+        try:
+            await self.refresh()
+        except BackendUnavailable:
+            return False
+        return await self._masters_answer()
+
+    async def _masters_answer(self) -> bool:
         async def one(addr: Addr) -> bool:
             c = self.node_client(addr)
             try:
@@ -224,7 +253,11 @@ class Topology:
 
     async def command(self, *args: Any) -> Any:
         """One command through the command client (routed by key in a cluster)."""
-        return await guarded(execute(self.client, *args), self.config.op_timeout)
+        try:
+            return await guarded(execute(self.client, *args), self.config.op_timeout)
+        except BackendUnavailable:
+            self.refresh_soon()  # a failover may have moved the slot
+            raise
 
     async def eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script (all ``keys`` in one slot) with the command client."""
@@ -237,7 +270,11 @@ class Topology:
 
     async def run(self, pipe: Any) -> list[Any]:
         """Execute ``pipe`` within the deadline; any failed command raises."""
-        result: list[Any] = await guarded(pipe.execute(), self.config.op_timeout)
+        try:
+            result: list[Any] = await guarded(pipe.execute(), self.config.op_timeout)
+        except BackendUnavailable:
+            self.refresh_soon()
+            raise
         return result
 
 

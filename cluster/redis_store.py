@@ -85,7 +85,7 @@ class RedisStore:
         await self.redis.close()
 
     async def healthy(self) -> bool:
-        return await self.redis.ping_all()
+        return await self.redis.healthy()
 
     async def _eval(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         return await self.redis.eval(self._scripts[name], keys_, args)
