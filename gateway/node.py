@@ -346,9 +346,15 @@ class Node:
             if node == self.owner:
                 continue
             swept = await self.store.sweep_node(node, now)
-            if not swept:
+            if swept is None:
                 continue
-            await self.publish([(s.ch, encode_leave(s.user, s.conn, now, now)) for s in swept])
+            if swept:
+                await self.publish(
+                    [(s.ch, encode_leave(s.user, s.conn, now, now)) for s in swept]
+                )
+            # Only once the leaves are out: a failed publish leaves the claim to expire
+            # and the node to be swept again.
+            await self.store.sweep_finish(node)
             count += len(swept)
             log.info("node_swept", dead_node=node, metas=len(swept))
         return count
