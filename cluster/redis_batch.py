@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,9 @@ class WriteBatcher:
         self._queue: list[_Item] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self.redirected: Counter[str] = Counter()
+        """Commands sent again, by reason (``MOVED``, ``ASK``, ``TRYAGAIN``,
+        ``NOSCRIPT``): a figure for tests and diagnostics."""
 
     async def run(self, commands: Sequence[Command]) -> list[Any]:
         """Send ``commands`` with the others of this loop turn; their replies in order."""
@@ -176,6 +180,7 @@ class WriteBatcher:
                     continue
                 if isinstance(res, MovedError):
                     self.redis.refresh_soon()
+                self.redirected[_reason(res)] += 1
                 retry.append((res, again))
 
         await asyncio.gather(*(send(a, items) for a, items in groups.items()))
@@ -197,3 +202,13 @@ def _redirect(s: _Send, reply: Exception) -> _Send | None:
         if fallback is not None:
             return _Send(s.caller, s.index, s.addr, fallback, s.asking)
     return None
+
+
+def _reason(reply: Exception) -> str:
+    if isinstance(reply, MovedError):
+        return "MOVED"
+    if isinstance(reply, AskError):
+        return "ASK"
+    if isinstance(reply, TryAgainError):
+        return "TRYAGAIN"
+    return "NOSCRIPT"
