@@ -25,6 +25,11 @@ GapHandler = Callable[[Sequence[str]], Awaitable[None]]
 """Called with topics whose messages may have been lost (after a resubscription)."""
 
 
+SWEEP_CLAIM_MS = 15_000
+"""How long a sweeper's claim on a dead node holds (by the callers' ``now``): a claim not
+finished (:meth:`Store.sweep_finish`) within it is taken over by the next sweeper."""
+
+
 class BackendUnavailable(Exception):
     """The backend cannot be reached now; the caller may retry later."""
 
@@ -141,9 +146,15 @@ class Store(Protocol):
     # -- node leases -------------------------------------------------------------
     async def refresh_lease(
         self, node: str, ttl: float, now: int, connections: int = 0
-    ) -> None:
+    ) -> bool:
         """Keep ``node`` alive until ``now + ttl`` seconds; ``connections`` is the
-        node's connection count, reported by :meth:`live_nodes`."""
+        node's connection count, reported by :meth:`live_nodes`.
+
+        Returns True when the node's lease was alive (not expired at ``now``) when
+        refreshed; False when it had lapsed, had been dropped or swept, or never
+        existed (a node's first call). A node that gets False after its first call was
+        frozen past its lease (or lost it otherwise): it must write its metas again.
+        """
         ...
 
     async def live_nodes(self, now: int) -> dict[str, int]:
@@ -156,15 +167,31 @@ class Store(Protocol):
         ...
 
     async def dead_nodes(self, now: int) -> list[str]:
-        """Nodes whose lease expired before ``now`` and that still own state."""
+        """Nodes whose lease expired before ``now`` and that still own state (or an
+        unfinished sweep whose claim expired), excluding those claimed now."""
         ...
 
     async def sweep_node(self, node: str, now: int) -> list[SweptMeta] | None:
-        """Remove everything a dead ``node`` owned and return the metas removed.
+        """Claim a dead ``node``, remove everything it owned, return the metas removed.
 
-        Exactly once: among concurrent callers one gets the list, the others ``None``;
-        ``None`` also when the node is alive again. Users swept get last-seen ``now``.
+        The caller then publishes their leaves and calls :meth:`sweep_finish`; until
+        then the claim holds (for :data:`SWEEP_CLAIM_MS`), so leaves are never lost: a
+        sweeper that dies or fails to publish leaves the claim to expire, after which
+        :meth:`dead_nodes` lists the node again and ``sweep_node`` returns the same
+        metas again (published twice is harmless, lost is not).
+
+        Exactly once per claim: among concurrent callers one gets the list, the others
+        ``None``; ``None`` also when the node is alive again or nothing is left. Users
+        swept get last-seen ``now``. The node's lease is dropped by the claim, so its
+        next :meth:`refresh_lease` returns False.
         """
+        ...
+
+    async def sweep_finish(self, node: str) -> None:
+        """Release the claim this Store object took with its last :meth:`sweep_node`
+        of ``node`` (its leaves are published): the claimed records are dropped. A
+        no-op without such a claim, or when the claim expired and another sweeper took
+        it over."""
         ...
 
     # -- churn records -----------------------------------------------------------

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cluster import keys
-from cluster.redis_conn import RedisConfig, Topology, load_script
+from cluster.redis_conn import RedisConfig, Topology, script, text
 from presence.engagement import (
     DAY_MS,
     MAX_DEVICES,
@@ -44,12 +44,8 @@ __all__ = ["CHUNK", "DEVICE_SCRIPT", "RedisEngagement"]
 CHUNK = 500
 """Users per pipeline (bounds one round trip's size)."""
 
-DEVICE_SCRIPT = load_script("engagement_device")
+DEVICE_SCRIPT = script("engagement_device")
 """Record one device use and evict the least recently used beyond the bound."""
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisEngagement:
@@ -129,7 +125,7 @@ class RedisEngagement:
 def _devices(reply: Any) -> dict[str, int]:
     items = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2],
                                                               strict=True)
-    return {_text(k): int(v) for k, v in items}
+    return {text(k): int(v) for k, v in items}
 
 
 if TYPE_CHECKING:

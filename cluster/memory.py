@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.base import GapHandler, MessageHandler, SweptMeta, UserPresence
+from cluster.base import SWEEP_CLAIM_MS, GapHandler, MessageHandler, SweptMeta, UserPresence
 from presence.churn import ChurnRecord, snapshot_order
+from presence.engagement import DAY_MS
 from presence.meta import Meta
 from presence.state import ChannelState
-
-DAY_MS = 86_400_000
 
 
 class MemoryBus:
@@ -78,6 +78,14 @@ class MemoryBroker:
         return True
 
 
+@dataclass(slots=True)
+class _Claim:
+    """A sweep of a dead node not finished yet: what it removed, and until when."""
+
+    until: int
+    metas: set[SweptMeta]
+
+
 class MemoryStore:
     """All shared state in dicts. Methods never suspend, so each is atomic."""
 
@@ -94,6 +102,7 @@ class MemoryStore:
         self._leases: dict[str, int] = {}
         self._loads: dict[str, int] = {}
         self._churn: dict[str, dict[str, ChurnRecord]] = {}
+        self._claims: dict[str, _Claim] = {}
 
     async def start(self) -> None:
         return None
@@ -182,9 +191,11 @@ class MemoryStore:
     # -- leases ------------------------------------------------------------------
     async def refresh_lease(
         self, node: str, ttl: float, now: int, connections: int = 0
-    ) -> None:
+    ) -> bool:
+        alive = self._leases.get(node, -1) >= now
         self._leases[node] = now + int(ttl * 1000)
         self._loads[node] = connections
+        return alive
 
     async def live_nodes(self, now: int) -> dict[str, int]:
         return {n: self._loads.get(n, 0) for n, exp in sorted(self._leases.items()) if exp >= now}
@@ -194,24 +205,30 @@ class MemoryStore:
         self._loads.pop(node, None)
 
     async def dead_nodes(self, now: int) -> list[str]:
-        owners = set(self._node_metas) | set(self._node_conns)
+        owners = set(self._node_metas) | set(self._node_conns) | set(self._claims)
         return sorted(
             n for n in owners
-            if (self._node_metas.get(n) or self._node_conns.get(n))
+            if (self._node_metas.get(n) or self._node_conns.get(n) or n in self._claims)
             and self._leases.get(n, 0) < now
+            and not self._claimed(n, now)
         )
 
+    def _claimed(self, node: str, now: int) -> bool:
+        claim = self._claims.get(node)
+        return claim is not None and claim.until > now
+
     async def sweep_node(self, node: str, now: int) -> list[SweptMeta] | None:
-        if self._leases.get(node, 0) >= now:
+        if self._leases.get(node, 0) >= now or self._claimed(node, now):
             return None
         keys = self._node_metas.pop(node, set())
         conns = self._node_conns.pop(node, set())
-        if not keys and not conns:
+        claim = self._claims.pop(node, None)
+        if not keys and not conns and claim is None:
             return None
-        swept: list[SweptMeta] = []
-        for ch, user, conn in sorted(keys):
-            if self._remove_one(ch, user, conn):
-                swept.append(SweptMeta(ch, user, conn))
+        swept = set() if claim is None else claim.metas
+        for ch, user, conn in keys:
+            self._remove_one(ch, user, conn)
+            swept.add(SweptMeta(ch, user, conn))
         for user, conn in conns:
             await self.remove_connection(node, user, conn)
         for user, conn in {(s.user, s.conn) for s in swept} | conns:
@@ -219,7 +236,12 @@ class MemoryStore:
             self._set_last_seen(user, now)
         self._leases.pop(node, None)
         self._loads.pop(node, None)
-        return swept
+        self._claims[node] = _Claim(now + SWEEP_CLAIM_MS, swept)
+        return sorted(swept, key=lambda m: (m.ch, m.user, m.conn))
+
+    async def sweep_finish(self, node: str) -> None:
+        # One process, one object: whoever finishes, the claim is the same one.
+        self._claims.pop(node, None)
 
     # -- churn -------------------------------------------------------------------
     async def churn_get(self, org: str, suppliers: Sequence[str]) -> dict[str, ChurnRecord]:

@@ -10,13 +10,13 @@ by the server), they become *orphans*; a repair task then re-reads the slot map 
 the gap handler with the topics it re-subscribed: messages published meanwhile are lost
 (at most once), so the caller re-reads state from the Store.
 
-Publishing: concurrent ``publish`` calls are gathered into one batch per event-loop
-turn; a batch is split by owning master and sent as one plain pipeline per master, the
-pipelines running concurrently. One batch is in flight at a time, which keeps
-per-topic publication order. ``SPUBLISH``'s reply (a count on that master only) is not
-used. A ``MOVED`` reply or a connection error fails the callers whose messages were in
-that part of the batch with :class:`BackendUnavailable` and triggers a slot-map
-refresh.
+Publishing goes through the one Redis write path, :class:`~cluster.redis_batch.
+WriteBatcher` (as the Store's writes do): concurrent ``publish`` calls of one event-loop
+turn are sent as one plain pipeline per master, one batch in flight at a time, which
+keeps per-topic publication order; ``MOVED``/``ASK`` replies are followed. ``SPUBLISH``'s
+reply (a count on that master only) is not used. A connection error fails the callers
+whose messages were in that part of the batch with :class:`BackendUnavailable` and
+triggers a slot-map refresh.
 """
 
 from __future__ import annotations
@@ -25,16 +25,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cluster import keys
 from cluster.base import BackendUnavailable, GapHandler, MessageHandler
-from cluster.redis_conn import Addr, RedisConfig, Topology, guarded
+from cluster.redis_batch import Command, WriteBatcher
+from cluster.redis_conn import Addr, RedisConfig, Topology
 from cluster.redis_subscriber import NodeSubscriber
 
 log = logging.getLogger(__name__)
-
-_Batch = list[tuple[list[tuple[str, bytes]], "asyncio.Future[None]"]]
 
 
 class RedisBroker:
@@ -55,8 +54,7 @@ class RedisBroker:
         self._orphans: set[str] = set()
         self._orphaned = asyncio.Event()
         self._repair: asyncio.Task[None] | None = None
-        self._queue: _Batch = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._batch = WriteBatcher(self.redis, config.op_timeout)
         self._closed = False
 
     async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
@@ -70,16 +68,11 @@ class RedisBroker:
             return
         self._closed = True
         self._on_message = None
-        tasks = [t for t in (self._repair, self._flusher) if t is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
+        if self._repair is not None:
+            self._repair.cancel()
             with contextlib.suppress(asyncio.CancelledError, BackendUnavailable):
-                await t
-        for _batch, fut in self._queue:
-            if not fut.done():
-                fut.set_exception(BackendUnavailable("broker closed"))
-        self._queue.clear()
+                await self._repair
+        await self._batch.close()
         subs = list(self._subs.values())
         self._subs.clear()
         for sub in subs:
@@ -211,66 +204,16 @@ class RedisBroker:
             return
         if self._closed:
             raise BackendUnavailable("broker closed")
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((list(messages), fut))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="redis-broker-publish")
-        await fut
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(0)  # let the other publishers of this loop turn join in
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                failed = await self._send(batch)
-            except Exception as exc:
-                failed = {i: BackendUnavailable(str(exc)) for i in range(len(batch))}
-            for i, (_msgs, fut) in enumerate(batch):
-                if fut.done():
-                    continue
-                err = failed.get(i)
-                if err is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(err)
-
-    async def _send(self, batch: _Batch) -> dict[int, BackendUnavailable]:
-        groups: dict[Addr, list[tuple[int, str, bytes]]] = {}
-        failed: dict[int, BackendUnavailable] = {}
-        for i, (msgs, _fut) in enumerate(batch):
-            for topic, payload in msgs:
-                channel = keys.topic(topic)
-                try:
-                    addr = self.redis.owner(channel)
-                except BackendUnavailable as exc:
-                    failed[i] = exc
-                    continue
-                groups.setdefault(addr, []).append((i, channel, payload))
-
-        async def send(addr: Addr, items: list[tuple[int, str, bytes]]) -> None:
-            pipe: Any = self.redis.node_client(addr).pipeline(transaction=False)
-            for _i, channel, payload in items:
-                pipe.execute_command("SPUBLISH", channel, payload)
-            try:
-                results = await guarded(pipe.execute(raise_on_error=False),
-                                        self.config.op_timeout)
-            except BackendUnavailable as exc:
-                for i, _c, _p in items:
-                    failed.setdefault(i, exc)
-                return
-            for (i, _c, _p), res in zip(items, results, strict=True):
-                if isinstance(res, Exception):  # MOVED, CLUSTERDOWN, ...
-                    failed.setdefault(i, BackendUnavailable(f"redis: {res}"))
-
-        await asyncio.gather(*(send(a, items) for a, items in groups.items()))
-        if failed:
-            self.redis.refresh_soon()
-        return failed
+        commands: list[Command] = []
+        for topic, payload in messages:
+            channel = keys.topic(topic)
+            commands.append((channel, ("SPUBLISH", channel, payload)))
+        await self._batch.run(commands)
 
     async def healthy(self) -> bool:
         if self._closed or self._orphans:
             return False
-        return await self.redis.ping_all()
+        return await self.redis.healthy()
 
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable
+import hashlib
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +26,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from cluster.base import BackendUnavailable
 
@@ -88,9 +89,55 @@ def execute(client: Any, *args: Any) -> Awaitable[Any]:
     return aw
 
 
+def text(value: Any) -> str:
+    """A Redis reply (bytes, or str when decoded) as ``str``."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def load_script(name: str) -> str:
     """The text of ``cluster/lua/<name>.lua``."""
     return (LUA_DIR / f"{name}.lua").read_text()
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One Lua script of ``cluster/lua``, run by SHA (``EVALSHA``).
+
+    A node that does not know the script (restarted, promoted, flushed) answers
+    ``NOSCRIPT``; the caller then sends it once with ``EVAL`` (:func:`as_eval`), which
+    also caches it on that node.
+    """
+
+    name: str
+    text: str
+    sha: str
+
+    def call(self, keys: Sequence[str], args: Sequence[Any]) -> tuple[Any, ...]:
+        """The ``EVALSHA`` command running this script (all ``keys`` in one slot)."""
+        return ("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+_SCRIPTS: dict[str, Script] = {}
+"""Every script loaded, by SHA (for the ``NOSCRIPT`` fallback)."""
+
+
+def script(name: str) -> Script:
+    """The script ``cluster/lua/<name>.lua``, read and registered once per process."""
+    for known in _SCRIPTS.values():
+        if known.name == name:
+            return known
+    body = load_script(name)
+    loaded = Script(name, body, hashlib.sha1(body.encode()).hexdigest())
+    _SCRIPTS[loaded.sha] = loaded
+    return loaded
+
+
+def as_eval(args: Sequence[Any]) -> tuple[Any, ...] | None:
+    """The ``EVAL`` equivalent of an ``EVALSHA`` command of a known script, else None."""
+    if len(args) < 2 or args[0] != "EVALSHA":
+        return None
+    known = _SCRIPTS.get(text(args[1]))
+    return None if known is None else ("EVAL", known.text, *args[2:])
 
 
 def _retry() -> Retry:
@@ -185,13 +232,24 @@ class Topology:
         return c
 
     async def refresh(self) -> None:
-        """Re-read the slot map (cluster); a no-op for a single Redis."""
-        if self.cluster is not None:
-            await guarded(self.cluster.nodes_manager.initialize(), self.config.op_timeout)
+        """Re-read the slot map (cluster; a no-op for a single Redis) and close the
+        plain clients of nodes that are no longer masters (a dead or demoted node:
+        nothing should keep talking to it)."""
+        if self.cluster is None:
+            return
+        await guarded(self.cluster.nodes_manager.initialize(), self.config.op_timeout)
+        current = set(self.masters())
+        stale = [a for a in self._node_clients if a not in current]
+        for addr in stale:
+            client = self._node_clients.pop(addr)
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(client.aclose(), self.config.ping_timeout)
 
     def refresh_soon(self) -> None:
         """Re-read the slot map in the background (one refresh at a time; failures are
         ignored: the next failed write asks again)."""
+        if self.cluster is None:
+            return
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.create_task(self._refresh_quietly())
 
@@ -199,9 +257,27 @@ class Topology:
         with contextlib.suppress(BackendUnavailable):
             await self.refresh()
 
-    async def ping_all(self) -> bool:
-        """True when every master answers PING (and, in a cluster, reports
-        ``cluster_state:ok``) within ``ping_timeout``."""
+    async def healthy(self) -> bool:
+        """True when reads and writes of every slot work now.
+
+        That is: every master of the current slot map answers PING and (cluster)
+        reports ``cluster_state:ok``, within ``ping_timeout``. When one does not, the
+        slot map is re-read once and the masters of the new map are asked: after a
+        failover the dead master is no longer in it (its replica is), so health
+        follows the cluster instead of probing a dead node forever. Before the
+        promotion the dead master still owns its slots, and health is rightly False.
+        """
+        if await self._masters_answer():
+            return True
+        if self.cluster is None:
+            return False
+        try:
+            await self.refresh()
+        except BackendUnavailable:
+            return False
+        return await self._masters_answer()
+
+    async def _masters_answer(self) -> bool:
         async def one(addr: Addr) -> bool:
             c = self.node_client(addr)
             try:
@@ -213,8 +289,7 @@ class Topology:
                     if isinstance(info, dict):  # parsed by redis-py's callback
                         state = info.get("cluster_state", info.get(b"cluster_state"))
                         return state in ("ok", b"ok")
-                    text = info.decode() if isinstance(info, bytes) else str(info)
-                    return "cluster_state:ok" in text
+                    return "cluster_state:ok" in text(info)
             except BackendUnavailable:
                 return False
             return True
@@ -223,12 +298,26 @@ class Topology:
         return all(results)
 
     async def command(self, *args: Any) -> Any:
-        """One command through the command client (routed by key in a cluster)."""
-        return await guarded(execute(self.client, *args), self.config.op_timeout)
+        """One command through the command client (routed by key in a cluster); an
+        ``EVALSHA`` the node does not know is sent again as ``EVAL``."""
+        try:
+            return await guarded(self._command(args), self.config.op_timeout)
+        except BackendUnavailable:
+            self.refresh_soon()  # a failover may have moved the slot
+            raise
 
-    async def eval(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """Run a Lua script (all ``keys`` in one slot) with the command client."""
-        return await self.command("EVAL", script, len(keys), *keys, *args)
+    async def _command(self, args: tuple[Any, ...]) -> Any:
+        try:
+            return await execute(self.client, *args)
+        except NoScriptError:
+            fallback = as_eval(args)
+            if fallback is None:
+                raise
+            return await execute(self.client, *fallback)
+
+    async def eval(self, lua: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a Lua script (all ``keys`` in one slot) by SHA with the command client."""
+        return await self.command(*lua.call(keys, args))
 
     def pipeline(self) -> Any:
         """A non-transactional pipeline of the command client (split per master in a
@@ -237,7 +326,11 @@ class Topology:
 
     async def run(self, pipe: Any) -> list[Any]:
         """Execute ``pipe`` within the deadline; any failed command raises."""
-        result: list[Any] = await guarded(pipe.execute(), self.config.op_timeout)
+        try:
+            result: list[Any] = await guarded(pipe.execute(), self.config.op_timeout)
+        except BackendUnavailable:
+            self.refresh_soon()
+            raise
         return result
 
 
@@ -245,9 +338,13 @@ __all__ = [
     "Addr",
     "BackendUnavailable",
     "RedisConfig",
+    "Script",
     "Topology",
+    "as_eval",
     "execute",
     "guarded",
     "load_script",
     "parse_nodes",
+    "script",
+    "text",
 ]

@@ -17,44 +17,74 @@ ttl (the gateway refreshes every ``node_lease / 3``), the other copy usually liv
 another master, and the node's next refresh repairs both. So a failover does not make a
 live node look dead.
 
-Sweeping is exactly once: the claim script (one slot, the node's) checks the lease,
-takes a sweep lock (PX, with a random token) and renames the node's ownership sets to
-its sweep keys; concurrent callers find the lock or nothing left and get ``None``. A
-sweeper that dies mid-way leaves the lock to expire; the next one takes the leftovers
-over, and records already removed are not reported twice (HDEL says whether it removed).
+Sweeping is exactly once per claim: the claim script (one slot, the node's) checks the
+lease, takes a sweep lock (a random token and a deadline) and renames the node's
+ownership sets to its sweep keys; concurrent callers find the lock or nothing left and
+get ``None``. The claim (sweep keys and lock) is kept until the sweeper has published
+the leaves and calls ``sweep_finish``; a sweeper that dies or fails to publish leaves it
+to expire, and the next one takes it over and reports the same metas again (leaves
+published twice are harmless, lost ones are not). The claim also drops the lease key,
+so the swept node's next ``refresh_lease`` returns False.
+
+Writes of one connection's metas are serialised in this process (see ``_exclusive``):
+with the write order above, that makes a channel entry without ownership impossible.
+
+Every command that is not a plain single-key read goes through the one write path
+(:class:`~cluster.redis_batch.WriteBatcher`); scripts run by SHA.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from cluster import keys
-from cluster.base import SweptMeta, UserPresence
+from cluster.base import SWEEP_CLAIM_MS, SweptMeta, UserPresence
 from cluster.redis_batch import Command, WriteBatcher
-from cluster.redis_conn import RedisConfig, Topology, load_script
+from cluster.redis_conn import RedisConfig, Topology, script, text
 from presence.churn import ChurnRecord, snapshot_order
+from presence.codec import pack, unpack
+from presence.engagement import DAY_MS
 from presence.meta import Meta
 
-DAY_MS = 86_400_000
-SWEEP_LOCK_MS = 30_000
 CHURN_CHUNK = 1000
+OWNED_CHUNK = 1000
 
-
-def _pack(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False)
+CONN_ADD = script("conn_add")
+LEASE_REFRESH = script("lease_refresh")
+USER_LEAVE = script("user_leave")
+USER_SWEEP = script("user_sweep")
+SWEEP_CLAIM = script("sweep_claim")
+SWEEP_DONE = script("sweep_done")
+REGISTRY_PRUNE = script("registry_prune")
+CHURN_PUT = script("churn_put")
+CHURN_SNAPSHOT = script("churn_snapshot")
 
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+def _pairs(raw: Any) -> list[tuple[Any, Any]]:
+    """A flat ``[k1, v1, k2, v2 ...]`` reply (or pairs, or a dict) as pairs."""
+    if isinstance(raw, dict):
+        return list(raw.items())
+    if raw and isinstance(raw[0], list | tuple):
+        return [(k, v) for k, v in raw]
+    return list(zip(raw[::2], raw[1::2], strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class _Claim:
+    """A sweep this store claimed and has not finished: its lock value and the
+    registry score read before it (to prune the registry entry afterwards)."""
+
+    lock: str
+    score: float | None
 
 
 class RedisStore:
@@ -64,18 +94,16 @@ class RedisStore:
         self.config = config
         self.last_seen_ms = last_seen_days * DAY_MS
         self.redis = Topology(config)
-        self._scripts = {
-            name: load_script(name)
-            for name in ("conn_add", "user_leave", "user_sweep", "sweep_claim",
-                         "sweep_done", "registry_prune", "churn_put", "churn_snapshot")
-        }
         # Ownership records this process has written, per node: an update of a meta
         # already owned skips that round trip (it was half the cost of an update).
         # Each lease refresh writes them all again, so ownership lost in a failover
         # (asynchronous replication) comes back within one refresh interval.
         self._owned: dict[str, set[bytes]] = {}
-        # The per-update writes (metas in, metas out) of one loop turn go out together.
+        # Every write (metas, ownership, leases, sweeps) goes through one batcher.
         self._batch = WriteBatcher(self.redis, config.op_timeout)
+        # One meta change at a time per (node, user, conn); see _exclusive.
+        self._locks: dict[tuple[str, str, str], tuple[asyncio.Lock, int]] = {}
+        self._claims: dict[str, _Claim] = {}
 
     async def start(self) -> None:
         await self.redis.start()
@@ -85,83 +113,109 @@ class RedisStore:
         await self.redis.close()
 
     async def healthy(self) -> bool:
-        return await self.redis.ping_all()
+        return await self.redis.healthy()
 
-    async def _eval(self, name: str, keys_: list[str], args: list[Any]) -> Any:
-        return await self.redis.eval(self._scripts[name], keys_, args)
+    async def _run(self, commands: Sequence[Command]) -> list[Any]:
+        return await self._batch.run(commands)
 
-    def _pipe_eval(self, pipe: Any, name: str, keys_: list[str], args: list[Any]) -> None:
-        pipe.execute_command("EVAL", self._scripts[name], len(keys_), *keys_, *args)
+    async def _one(self, key: str, *args: Any) -> Any:
+        (reply,) = await self._batch.run([(key, args)])
+        return reply
+
+    @asynccontextmanager
+    async def _exclusive(self, node: str, user: str, conn: str) -> AsyncIterator[None]:
+        """Serialise the meta writes of one connection.
+
+        A put writes ownership then channel entries, a remove channel entries then
+        ownership: each order alone never leaves a channel entry unowned, but two of
+        them interleaved can (put's ownership, remove's channel delete, put's channel
+        write, remove's ownership delete: an entry no sweep can find). Only the node
+        that owns a connection writes its metas (sweepers claim, they do not write
+        them), so serialising them in this process makes that interleaving impossible.
+        """
+        key = (node, user, conn)
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock_, left = self._locks[key]
+            if left <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock_, left - 1)
 
     # -- connections -------------------------------------------------------------
     async def add_connection(self, node: str, user: str, conn: str) -> int:
-        pipe = self.redis.pipeline()
-        pipe.execute_command("SADD", keys.node_conns(node), _pack([user, conn]))
-        pipe.execute_command("ZADD", keys.REGISTRY, "NX", 0, node)
-        await self.redis.run(pipe)
-        count = await self._eval("conn_add", [keys.user_conns(user)], [conn, node])
-        return int(count)
+        owner_key = keys.node_conns(node)
+        await self._run([
+            (owner_key, ("SADD", owner_key, pack([user, conn]))),
+            (keys.REGISTRY, ("ZADD", keys.REGISTRY, "NX", 0, node)),
+        ])
+        user_key = keys.user_conns(user)
+        return int(await self._one(user_key, *CONN_ADD.call([user_key], [conn, node])))
 
     async def remove_connection(self, node: str, user: str, conn: str) -> None:
-        await self.redis.command("HDEL", keys.user_conns(user), conn)
-        await self.redis.command("SREM", keys.node_conns(node), _pack([user, conn]))
+        await self._one(keys.user_conns(user), "HDEL", keys.user_conns(user), conn)
+        await self._one(keys.node_conns(node), "SREM", keys.node_conns(node),
+                        pack([user, conn]))
 
     # -- metas -------------------------------------------------------------------
     async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta]) -> None:
         if not metas:
             return
-        known = self._owned.setdefault(node, set())
-        owned = [k for k in (_pack([ch, user, conn]) for ch in metas) if k not in known]
-        if owned:
-            # Ownership first: a crash between the two steps leaves no unowned entry.
-            owner_key = keys.node_metas(node)
-            await self._batch.run([
-                (owner_key, ("SADD", owner_key, *owned)),
-                (keys.REGISTRY, ("ZADD", keys.REGISTRY, "NX", 0, node)),
-            ])
-            known.update(owned)
-        field = keys.meta_field(user, conn)
-        writes: list[Command] = []
-        last: Meta | None = None
-        for ch, meta in metas.items():
-            key = keys.channel_metas(ch)
-            writes.append((key, ("HSET", key, field, _pack([user, node, meta.to_wire()]))))
-            last = meta
-        assert last is not None
-        index = keys.user_index(user)
-        writes.append((index, ("HSET", index, conn, _pack(last.to_wire()))))
-        await self._batch.run(writes)
+        async with self._exclusive(node, user, conn):
+            known = self._owned.setdefault(node, set())
+            owned = [k for k in (pack([ch, user, conn]) for ch in metas) if k not in known]
+            if owned:
+                # Ownership first: a crash between the two steps leaves no unowned entry.
+                owner_key = keys.node_metas(node)
+                await self._run([
+                    (owner_key, ("SADD", owner_key, *owned)),
+                    (keys.REGISTRY, ("ZADD", keys.REGISTRY, "NX", 0, node)),
+                ])
+                known.update(owned)
+            field = keys.meta_field(user, conn)
+            writes: list[Command] = []
+            for ch, meta in metas.items():
+                key = keys.channel_metas(ch)
+                writes.append((key, ("HSET", key, field, pack([user, node, meta.to_wire()]))))
+            last = list(metas.values())[-1]
+            index = keys.user_index(user)
+            writes.append((index, ("HSET", index, conn, pack(last.to_wire()))))
+            await self._run(writes)
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
     ) -> None:
         if not channels and not last:
             return
-        field = keys.meta_field(user, conn)
-        writes: list[Command] = []
-        for ch in channels:
-            key = keys.channel_metas(ch)
-            writes.append((key, ("HDEL", key, field)))
-        if last:
-            index, seen = keys.user_index(user), keys.user_seen(user)
-            writes.append((index, ("EVAL", self._scripts["user_leave"], 2, index, seen,
-                                   conn, now, self.last_seen_ms)))
-        await self._batch.run(writes)
-        if channels:
-            # Ownership last, for the same reason as in put_metas.
-            owned = [_pack([ch, user, conn]) for ch in channels]
-            owner_key = keys.node_metas(node)
-            await self._batch.run([(owner_key, ("SREM", owner_key, *owned))])
-            self._owned.get(node, set()).difference_update(owned)
+        async with self._exclusive(node, user, conn):
+            field = keys.meta_field(user, conn)
+            writes: list[Command] = []
+            for ch in channels:
+                key = keys.channel_metas(ch)
+                writes.append((key, ("HDEL", key, field)))
+            if last:
+                index, seen = keys.user_index(user), keys.user_seen(user)
+                writes.append((index, USER_LEAVE.call([index, seen],
+                                                      [conn, now, self.last_seen_ms])))
+            await self._run(writes)
+            if channels:
+                # Ownership last, for the same reason as in put_metas.
+                owned = [pack([ch, user, conn]) for ch in channels]
+                owner_key = keys.node_metas(node)
+                await self._run([(owner_key, ("SREM", owner_key, *owned))])
+                self._owned.get(node, set()).difference_update(owned)
 
     async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:
         raw = await self.redis.command("HGETALL", keys.channel_metas(ch))
-        items: dict[bytes, bytes] = raw if isinstance(raw, dict) else dict(
-            zip(raw[::2], raw[1::2], strict=True)
-        )
         out: dict[str, list[Meta]] = {}
-        for value in items.values():
-            user, _node, wire = _unpack(value)
+        for _field, value in _pairs(raw):
+            user, _node, wire = unpack(value)
             out.setdefault(str(user), []).append(Meta.from_wire(wire))
         for metas in out.values():
             metas.sort(key=lambda m: m.conn)
@@ -170,14 +224,14 @@ class RedisStore:
     async def user_presence(self, users: Sequence[str]) -> dict[str, UserPresence]:
         if not users:
             return {}
-        pipe = self.redis.pipeline()
+        reads: list[Command] = []
         for u in users:
-            pipe.execute_command("HVALS", keys.user_index(u))
-            pipe.execute_command("GET", keys.user_seen(u))
-        res = await self.redis.run(pipe)
+            reads.append((keys.user_index(u), ("HVALS", keys.user_index(u))))
+            reads.append((keys.user_seen(u), ("GET", keys.user_seen(u))))
+        res = await self._run(reads)
         out: dict[str, UserPresence] = {}
         for i, u in enumerate(users):
-            metas = sorted((Meta.from_wire(_unpack(v)) for v in res[2 * i]),
+            metas = sorted((Meta.from_wire(unpack(v)) for v in res[2 * i]),
                            key=lambda m: m.conn)
             out[u] = UserPresence(metas=tuple(metas), last_seen=_int(res[2 * i + 1]))
         return out
@@ -185,29 +239,31 @@ class RedisStore:
     # -- leases ------------------------------------------------------------------
     async def refresh_lease(
         self, node: str, ttl: float, now: int, connections: int = 0
-    ) -> None:
+    ) -> bool:
         ttl_ms = max(1, int(ttl * 1000))
         expiry = now + ttl_ms
-        pipe = self.redis.pipeline()
-        pipe.execute_command("SET", keys.node_lease(node), expiry, "PX", ttl_ms)
-        pipe.execute_command("ZADD", keys.REGISTRY, expiry, node)
-        pipe.execute_command("HSET", keys.LOADS, node, int(connections))
+        lease, owner_key = keys.node_lease(node), keys.node_metas(node)
+        writes: list[Command] = [
+            (lease, LEASE_REFRESH.call([lease], [expiry, ttl_ms])),
+            (keys.REGISTRY, ("ZADD", keys.REGISTRY, expiry, node)),
+            (keys.LOADS, ("HSET", keys.LOADS, node, int(connections))),
+        ]
         owned = list(self._owned.get(node, ()))
-        for i in range(0, len(owned), 1000):
-            pipe.execute_command("SADD", keys.node_metas(node), *owned[i : i + 1000])
-        await self.redis.run(pipe)
+        for i in range(0, len(owned), OWNED_CHUNK):
+            writes.append((owner_key, ("SADD", owner_key, *owned[i : i + OWNED_CHUNK])))
+        previous = _int((await self._run(writes))[0])
+        return previous is not None and previous >= now
 
     async def live_nodes(self, now: int) -> dict[str, int]:
         raw = await self.redis.command("ZRANGEBYSCORE", keys.REGISTRY, now, "+inf")
-        nodes = sorted(m.decode() if isinstance(m, bytes) else str(m) for m in raw or [])
+        nodes = sorted(text(m) for m in raw or [])
         if not nodes:
             return {}
         loads = await self.redis.command("HMGET", keys.LOADS, *nodes)
         out = {n: _int(v) or 0 for n, v in zip(nodes, loads, strict=True)}
         # Forget the figures of nodes that are gone (bounded hash).
         stale = await self.redis.command("HKEYS", keys.LOADS)
-        gone = [k for k in (x.decode() if isinstance(x, bytes) else str(x) for x in stale or [])
-                if k not in out]
+        gone = [k for k in (text(x) for x in stale or []) if k not in out]
         if gone:
             await self.redis.command("HDEL", keys.LOADS, *gone)
         return out
@@ -227,31 +283,31 @@ class RedisStore:
         raw = await self.redis.command(
             "ZRANGEBYSCORE", keys.REGISTRY, "-inf", f"({now}", "WITHSCORES"
         )
-        pairs = raw if raw and isinstance(raw[0], list | tuple) else list(
-            zip(raw[::2], raw[1::2], strict=True)
-        )
-        candidates = [(m.decode() if isinstance(m, bytes) else str(m), float(s))
-                      for m, s in pairs]
+        candidates = [(text(m), float(s)) for m, s in _pairs(raw or [])]
         if not candidates:
             return []
-        pipe = self.redis.pipeline()
+        reads: list[Command] = []
         for node, _score in candidates:
-            pipe.execute_command("GET", keys.node_lease(node))
-            pipe.execute_command(
+            lease = keys.node_lease(node)
+            reads.append((lease, ("GET", lease)))
+            reads.append((lease, (
                 "EXISTS", keys.node_metas(node), keys.node_conns(node),
                 keys.node_sweep_metas(node), keys.node_sweep_conns(node),
-            )
-        res = await self.redis.run(pipe)
+            )))
+            reads.append((lease, ("GET", keys.node_sweep_lock(node))))
+        res = await self._run(reads)
         dead: list[str] = []
         for i, (node, score) in enumerate(candidates):
-            lease = _int(res[2 * i])
-            if lease is not None and lease >= now:
+            lease_at, owns, lock = _int(res[3 * i]), int(res[3 * i + 1]), res[3 * i + 2]
+            if lease_at is not None and lease_at >= now:
                 continue  # the registry copy lost a refresh; the lease key is alive
-            if int(res[2 * i + 1]):
+            if lock is not None and int(text(lock).rpartition(":")[2]) > now:
+                continue  # claimed by a sweeper now
+            if owns:
                 dead.append(node)
             else:
                 # Owns nothing: forget it, unless it refreshed meanwhile.
-                await self._eval("registry_prune", [keys.REGISTRY], [node, repr(score)])
+                await self.redis.eval(REGISTRY_PRUNE, [keys.REGISTRY], [node, repr(score)])
         return sorted(dead)
 
     async def sweep_node(self, node: str, now: int) -> list[SweptMeta] | None:
@@ -260,59 +316,64 @@ class RedisStore:
             return None
         self._owned.pop(node, None)  # its ownership records are about to go
         token = uuid.uuid4().hex
-        claimed = await self._eval(
-            "sweep_claim",
+        sweep_metas, sweep_conns = keys.node_sweep_metas(node), keys.node_sweep_conns(node)
+        lock = keys.node_sweep_lock(node)
+        claimed = await self.redis.eval(
+            SWEEP_CLAIM,
             [keys.node_lease(node), keys.node_metas(node), keys.node_conns(node),
-             keys.node_sweep_metas(node), keys.node_sweep_conns(node),
-             keys.node_sweep_lock(node)],
-            [now, token, SWEEP_LOCK_MS],
+             sweep_metas, sweep_conns, lock],
+            [now, token, SWEEP_CLAIM_MS],
         )
         if not int(claimed):
             return None
-        pipe = self.redis.pipeline()
-        pipe.execute_command("SMEMBERS", keys.node_sweep_metas(node))
-        pipe.execute_command("SMEMBERS", keys.node_sweep_conns(node))
-        raw_metas, raw_conns = await self.redis.run(pipe)
-        owned = sorted(tuple(_unpack(r)) for r in raw_metas)
-        conns = {tuple(_unpack(r)) for r in raw_conns}
-        swept: list[SweptMeta] = []
-        if owned:
-            pipe = self.redis.pipeline()
-            for ch, user, conn in owned:
-                pipe.execute_command("HDEL", keys.channel_metas(ch), keys.meta_field(user, conn))
-            removed = await self.redis.run(pipe)
-            swept = [SweptMeta(ch, user, conn)
-                     for (ch, user, conn), n in zip(owned, removed, strict=True) if int(n)]
+        raw_metas, raw_conns = await self._run([
+            (sweep_metas, ("SMEMBERS", sweep_metas)),
+            (sweep_conns, ("SMEMBERS", sweep_conns)),
+        ])
+        owned = sorted({tuple(unpack(r)) for r in raw_metas})
+        conns = {tuple(unpack(r)) for r in raw_conns}
+        swept = [SweptMeta(ch, user, conn) for ch, user, conn in owned]
+        # The claim stays until sweep_finish: every claimed meta is reported, also
+        # those an earlier (dead) sweeper already removed, whose leaves may be lost.
+        writes: list[Command] = []
+        for s in swept:
+            key = keys.channel_metas(s.ch)
+            writes.append((key, ("HDEL", key, keys.meta_field(s.user, s.conn))))
         by_user: dict[str, set[str]] = {}
         for s in swept:
             by_user.setdefault(s.user, set()).add(s.conn)
         for user, conn in conns:
             by_user.setdefault(user, set()).add(conn)
-        if by_user:
-            pipe = self.redis.pipeline()
-            for user, user_conns in sorted(by_user.items()):
-                self._pipe_eval(
-                    pipe, "user_sweep",
-                    [keys.user_conns(user), keys.user_index(user), keys.user_seen(user)],
-                    [now, self.last_seen_ms, *sorted(user_conns)],
-                )
-            await self.redis.run(pipe)
-        await self._eval(
-            "sweep_done",
+        for user, user_conns in sorted(by_user.items()):
+            user_keys = [keys.user_conns(user), keys.user_index(user), keys.user_seen(user)]
+            writes.append((user_keys[0], USER_SWEEP.call(
+                user_keys, [now, self.last_seen_ms, *sorted(user_conns)])))
+        await self._run(writes)
+        self._claims[node] = _Claim(
+            f"{token}:{now + SWEEP_CLAIM_MS}", None if score is None else float(score)
+        )
+        return swept
+
+    async def sweep_finish(self, node: str) -> None:
+        claim = self._claims.pop(node, None)
+        if claim is None:
+            return
+        done = await self.redis.eval(
+            SWEEP_DONE,
             [keys.node_sweep_metas(node), keys.node_sweep_conns(node),
              keys.node_sweep_lock(node)],
-            [token],
+            [claim.lock],
         )
-        if score is not None:
-            await self._eval("registry_prune", [keys.REGISTRY], [node, repr(float(score))])
-        return swept
+        if int(done) and claim.score is not None:
+            await self.redis.eval(REGISTRY_PRUNE, [keys.REGISTRY],
+                                  [node, repr(claim.score)])
 
     # -- churn -------------------------------------------------------------------
     async def churn_get(self, org: str, suppliers: Sequence[str]) -> dict[str, ChurnRecord]:
         if not suppliers:
             return {}
         values = await self.redis.command("HMGET", keys.churn_records(org), *suppliers)
-        return {s: ChurnRecord.from_wire(_unpack(v))
+        return {s: ChurnRecord.from_wire(unpack(v))
                 for s, v in zip(suppliers, values, strict=True) if v is not None}
 
     async def churn_put(self, org: str, records: Sequence[ChurnRecord]) -> None:
@@ -321,17 +382,17 @@ class RedisStore:
         for i in range(0, len(items), CHURN_CHUNK):
             args: list[Any] = []
             for r in items[i : i + CHURN_CHUNK]:
-                args += [r.supplier, repr(float(r.score)), _pack(r.to_store())]
-            await self._eval("churn_put", [keys.churn_records(org), keys.churn_scores(org)],
-                             args)
+                args += [r.supplier, repr(float(r.score)), pack(r.to_store())]
+            await self.redis.eval(CHURN_PUT, [keys.churn_records(org), keys.churn_scores(org)],
+                                  args)
 
     async def churn_snapshot(self, org: str, limit: int) -> list[ChurnRecord]:
         if limit <= 0:
             return []
-        values = await self._eval(
-            "churn_snapshot", [keys.churn_records(org), keys.churn_scores(org)], [limit]
+        values = await self.redis.eval(
+            CHURN_SNAPSHOT, [keys.churn_records(org), keys.churn_scores(org)], [limit]
         )
-        records = [ChurnRecord.from_wire(_unpack(v)) for v in values if v is not None]
+        records = [ChurnRecord.from_wire(unpack(v)) for v in values if v is not None]
         return snapshot_order(records, limit)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cluster.base import Broker, Store, SweptMeta
+from cluster.base import SWEEP_CLAIM_MS, Broker, Store, SweptMeta
 from cluster.memory import MemoryBroker, MemoryBus, MemoryStore
 from cluster.redis_broker import RedisBroker
 from cluster.redis_conn import RedisConfig
@@ -304,6 +304,89 @@ async def test_sweep_of_a_node_that_came_back(backend: Backend) -> None:
     await s.refresh_lease("n", 15, now=17_000)  # alive again before the sweep
     assert await s.sweep_node("n", now=17_001) is None
     assert "u" in await s.channel_presence("team:a")
+
+
+async def test_refresh_lease_says_whether_the_lease_was_alive(backend: Backend) -> None:
+    s = await backend.store()
+    assert await s.refresh_lease("n", 15, now=1000) is False  # never existed
+    assert await s.refresh_lease("n", 15, now=5000) is True
+    assert await s.refresh_lease("n", 15, now=20_000) is True  # expiry is inclusive
+    assert await s.refresh_lease("n", 15, now=35_001) is False  # lapsed (frozen node)
+    assert await s.refresh_lease("n", 15, now=36_000) is True
+    await s.drop_lease("n")
+    assert await s.refresh_lease("n", 15, now=37_000) is False
+    # swept while it was frozen: the next refresh says so, even before the claim ends
+    await s.put_metas("n", "u", "c", {"team:a": meta("c")})
+    swept = await s.sweep_node("n", now=60_000)
+    assert swept == [SweptMeta("team:a", "u", "c")]
+    assert await s.refresh_lease("n", 15, now=60_001) is False
+    assert await s.refresh_lease("n", 15, now=60_002) is True
+
+
+async def dead_node_with_metas(s: Store, now: int) -> list[SweptMeta]:
+    await s.refresh_lease("dead", 15, now=now)
+    await s.add_connection("dead", "u1", "d1")
+    await s.put_metas("dead", "u1", "d1", {"team:a": meta("d1"), "team:b": meta("d1")})
+    await s.put_metas("dead", "u2", "d2", {"team:a": meta("d2")})
+    return [SweptMeta("team:a", "u1", "d1"), SweptMeta("team:a", "u2", "d2"),
+            SweptMeta("team:b", "u1", "d1")]
+
+
+def ordered(metas: list[SweptMeta] | None) -> list[SweptMeta]:
+    assert metas is not None
+    return sorted(metas, key=lambda m: (m.ch, m.user, m.conn))
+
+
+async def test_sweep_claim_holds_until_finished(backend: Backend) -> None:
+    s1, s2 = await backend.store(), await backend.store()
+    expected = await dead_node_with_metas(s1, now=1000)
+    t = 20_000
+    assert ordered(await s1.sweep_node("dead", now=t)) == expected
+    assert await s1.channel_presence("team:a") == {}
+    # Claimed, leaves not published yet: nobody else sweeps it meanwhile.
+    assert await s2.dead_nodes(now=t + 1) == []
+    assert await s2.sweep_node("dead", now=t + 1) is None
+    # Published: finishing drops the claim for good.
+    await s1.sweep_finish("dead")
+    later = t + SWEEP_CLAIM_MS + 1
+    assert await s2.dead_nodes(now=later) == []
+    assert await s2.sweep_node("dead", now=later) is None
+    await s1.sweep_finish("dead")  # a second finish is a no-op
+    await s2.sweep_finish("dead")  # so is one without a claim
+
+
+async def test_unfinished_sweep_is_taken_over_with_the_same_metas(backend: Backend) -> None:
+    s1, s2 = await backend.store(), await backend.store()
+    expected = await dead_node_with_metas(s1, now=1000)
+    t = 20_000
+    assert ordered(await s1.sweep_node("dead", now=t)) == expected
+    # s1 dies before publishing the leaves: once its claim expires the node is listed
+    # again and the next sweeper gets the same metas.
+    later = t + SWEEP_CLAIM_MS + 1
+    assert await s2.dead_nodes(now=later) == ["dead"]
+    assert ordered(await s2.sweep_node("dead", now=later)) == expected
+    users = await s2.user_presence(["u1", "u2"])
+    assert users["u1"].metas == () and users["u1"].last_seen == later
+    if backend.config is not None:
+        # The late finish of the expired claim must not release the new one (the
+        # memory store is one object: both "sweepers" are the same one there).
+        await s1.sweep_finish("dead")
+        assert await s2.sweep_node("dead", now=later + 1) is None
+        assert await s1.dead_nodes(now=later + 1) == []
+    await s2.sweep_finish("dead")
+    assert await s1.dead_nodes(now=later + SWEEP_CLAIM_MS + 1) == []
+    assert await s1.sweep_node("dead", now=later + SWEEP_CLAIM_MS + 1) is None
+
+
+async def test_concurrent_sweepers_claim_once_after_an_expired_claim(backend: Backend) -> None:
+    stores = [await backend.store() for _ in range(3)]
+    expected = await dead_node_with_metas(stores[0], now=1000)
+    assert await stores[0].sweep_node("dead", now=20_000) is not None
+    later = 20_000 + SWEEP_CLAIM_MS + 1
+    results = await asyncio.gather(*(st.sweep_node("dead", now=later) for st in stores))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1, results
+    assert ordered(winners[0]) == expected
 
 
 # -- Store: churn ------------------------------------------------------------------
