@@ -121,16 +121,11 @@ class Node:
         if self._tasks:
             await asyncio.wait(self._tasks)
         self._tasks.clear()
-        for closing in (self.repair.close(), self.leases.close(), self.subscriptions.close(),
-                        self.writes.close()):
-            with contextlib.suppress(Exception):
-                await closing
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.feed.flush(), 2.0)
         closers: tuple[Callable[[], Awaitable[None]], ...] = (
-            self.engagement.close, lambda: self.store.drop_lease(self.owner),
-            self.broker.close, self.store.close)
-        for close in closers:
+            self.repair.close, self.leases.close, self.subscriptions.close, self.writes.close,
+            lambda: asyncio.wait_for(self.feed.flush(), 2.0), self.engagement.close,
+            lambda: self.store.drop_lease(self.owner), self.broker.close, self.store.close)
+        for close in closers:  # each in turn, whatever the others did
             with contextlib.suppress(Exception):
                 await close()
 
