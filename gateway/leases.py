@@ -44,6 +44,7 @@ class Leases:
         publish: Publish,
         reassert_all: Callable[[], Awaitable[None]],
         connections: Callable[[], int],
+        clock_ms: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
         self.owner = owner
@@ -51,6 +52,7 @@ class Leases:
         self.publish = publish
         self.reassert_all = reassert_all
         self.connections = connections
+        self.clock_ms = clock_ms
         self.self_sweeps = 0
         self._later: asyncio.Task[None] | None = None
 
@@ -60,7 +62,8 @@ class Leases:
 
     async def refresh(self) -> bool:
         """Refresh the lease; False when it had lapsed (or did not exist)."""
-        return await self.store.refresh_lease(self.owner, self.ttl, now_ms(), self.connections())
+        return await self.store.refresh_lease(
+            self.owner, self.ttl, self.clock_ms(), self.connections())
 
     async def lease_loop(self) -> None:
         while True:
@@ -96,7 +99,7 @@ class Leases:
 
     async def sweep_once(self) -> int:
         """Sweep every dead node this call can claim; returns the metas swept."""
-        now = now_ms()
+        now = self.clock_ms()
         count = 0
         for node in await self.store.dead_nodes(now):
             if node == self.owner:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 
+import pytest
+
 from cluster.base import BackendUnavailable
 from cluster.memory import MemoryBroker, MemoryStore
 from gateway.health import Health
 from gateway.hub import Hub
+from gateway.leases import Leases
 from gateway.metrics import Metrics
 from gateway.repair import GapRepair
 from presence.codec import Format
@@ -231,3 +234,34 @@ def test_readiness_grace() -> None:
     health.mark(False)  # still the same outage: the grace is not restarted
     now[0] += 10.5
     assert not health.usable()
+
+
+async def test_leaves_of_a_swept_node_are_not_lost_when_their_publish_fails() -> None:
+    store = MemoryStore()
+    t = [1_000_000]
+    meta = new_meta("c1", None, 1)
+    await store.put_metas("dead", "u", "c1", {"team:swept": meta})
+    await store.refresh_lease("dead", 1.0, t[0])
+    published: list[list[tuple[str, bytes]]] = []
+    fail = [1]
+
+    async def publish(messages: list[tuple[str, bytes]]) -> None:
+        if fail[0] > 0:
+            fail[0] -= 1
+            raise BackendUnavailable("injected: publish failed")
+        published.append(messages)
+
+    async def nothing() -> None:
+        return None
+
+    leases = Leases(store, "me", 4.0, publish, nothing, lambda: 0, clock_ms=lambda: t[0])
+    t[0] += 5_000  # the dead node's lease has lapsed
+    with pytest.raises(BackendUnavailable):
+        await leases.sweep_once()
+    assert published == []
+    # The Store no longer shows the meta, but the claim holds the leave still owed.
+    assert await store.channel_presence("team:swept") == {}
+    t[0] += 60_000  # the failed sweeper's claim has expired: another one takes it over
+    assert await leases.sweep_once() == 1
+    assert [ch for ch, _ in published[0]] == ["team:swept"]
+    assert await store.dead_nodes(t[0]) == []  # finished: nothing left to sweep
