@@ -13,8 +13,10 @@ and the bind address (loopback instead of 0.0.0.0).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -266,3 +268,22 @@ async def test_the_dockerfile_steps_build_a_wheel_that_serves(tmp_path: Path) ->
         subprocess.run, healthcheck_argv(), env=env, cwd=tmp_path, capture_output=True,
         text=True, timeout=30, check=False)
     assert check.returncode != 0
+
+
+# -- the vendored browser code ------------------------------------------------------------
+
+
+def test_vendored_msgpack_is_the_pinned_file() -> None:
+    """gateway/static/msgpack.min.js is @msgpack/msgpack's published build, unmodified:
+    the sha256 pinned in config/dev/fetch-vendor.sh, with its licence and version note."""
+    script = ROOT / "config" / "dev" / "fetch-vendor.sh"
+    pins = dict(re.findall(r'^([A-Z0-9_]+)="([^"]*)"$', script.read_text(), re.M))
+    static = ROOT / "gateway" / "static"
+    digest = hashlib.sha256((static / "msgpack.min.js").read_bytes()).hexdigest()
+    assert digest == pins["FILE_SHA256"]
+    note = (static / "msgpack.VERSION.txt").read_text()
+    assert f"version: {pins['VERSION']}" in note and digest in note
+    assert "ISC" in note and "Permission to use" in (static / "msgpack.LICENSE.txt").read_text()
+    run = subprocess.run(["bash", str(script), "--check"], capture_output=True, text=True,
+                         timeout=30, check=False)
+    assert run.returncode == 0, run.stderr
