@@ -137,6 +137,29 @@ def test_probes_hit_the_admin_port() -> None:
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
 
 
+def test_the_pods_run_the_dockerfile_image() -> None:
+    """Image name and tag, entrypoint, ports and user agree with the Dockerfile."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    version = re.search(r'^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    assert version is not None
+    c = container()
+    assert c["image"] == f"presence-server:{version[1]}"
+    (image,) = one("Kustomization")["images"]
+    assert (image["name"], image["newTag"]) == ("presence-server", version[1])
+    # no command/args: the image's ENTRYPOINT (presence serve) runs, set up by env
+    assert "command" not in c and "args" not in c
+    assert re.search(r'^ENTRYPOINT \["presence", "serve"\]$', dockerfile, re.M)
+    exposed = re.search(r"^EXPOSE (.+)$", dockerfile, re.M)
+    assert exposed is not None
+    assert sorted(int(x) for x in exposed[1].split()) == sorted(
+        p["containerPort"] for p in c["ports"])
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert user is not None
+    pod = one("Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"]) == (int(user[1]), int(user[2]))
+    assert env()["PRESENCE_HOST"] == env()["PRESENCE_ADMIN_HOST"] == "0.0.0.0"
+
+
 def test_drain_fits_in_the_grace_period() -> None:
     pod = one("Deployment")["spec"]["template"]["spec"]
     pre_stop = container()["lifecycle"]["preStop"]["exec"]["command"]

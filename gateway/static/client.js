@@ -6,9 +6,17 @@
 //   await c.connect();
 //   await c.join("team:w1", { status: "online", device: "web" });
 //
-// The full API is documented in docs/client.md. Only the JSON subprotocol is spoken.
+// The full API is documented in docs/client.md. JSON is the default wire format;
+// `format: "msgpack"` speaks presence.v1.msgpack through the vendored @msgpack/msgpack
+// build (gateway/static/msgpack.min.js, see config/dev/fetch-vendor.sh).
 
-const SUBPROTOCOL = "presence.v1.json";
+const SUBPROTOCOL_JSON = "presence.v1.json";
+const SUBPROTOCOL_MSGPACK = "presence.v1.msgpack";
+const FORMATS = new Set(["json", "msgpack"]);
+// Where the vendored msgpack build is served by the gateway (flat /static/<name>).
+const MSGPACK_PATH = "/static/msgpack.min.js";
+// Input that shows someone is at the page (capture phase: nothing can swallow it).
+const ACTIVITY_EVENTS = ["pointerdown", "pointermove", "keydown", "wheel", "touchstart", "scroll"];
 const STATUS_RANK = { busy: 3, online: 2, away: 1 };
 // Close codes after which reconnecting with the same token cannot help.
 const FATAL_CODES = new Set([4001, 4000, 1008, 1009]);
@@ -22,6 +30,125 @@ export class PresenceError extends Error {
     this.name = "PresenceError";
     this.code = code;
     this.retryAfter = retryAfter;
+  }
+}
+
+let msgpackLoading = null;
+
+/**
+ * The msgpack codec ({encode, decode}): the vendored @msgpack/msgpack browser build,
+ * which defines `window.MessagePack` when run as a classic script. Loaded once, on first
+ * use, by adding a <script> element (allowed by a `script-src 'self'` policy); resolves at
+ * once when `MessagePack` is already defined (a page may include the script itself).
+ */
+export function loadMsgpack(src = new URL(MSGPACK_PATH, import.meta.url).href) {
+  if (globalThis.MessagePack) return Promise.resolve(globalThis.MessagePack);
+  if (!msgpackLoading) {
+    msgpackLoading = new Promise((resolve, reject) => {
+      if (typeof document === "undefined") {
+        reject(new PresenceError("codec", "no document to load msgpack into; pass opts.codec"));
+        return;
+      }
+      const script = document.createElement("script");
+      script.src = src;
+      script.onload = () => {
+        if (globalThis.MessagePack) resolve(globalThis.MessagePack);
+        else reject(new PresenceError("codec", `${src} did not define MessagePack`));
+      };
+      script.onerror = () => reject(new PresenceError("codec", `could not load ${src}`));
+      document.head.append(script);
+    }).catch((err) => {
+      msgpackLoading = null; // a later connect may try again
+      throw err;
+    });
+  }
+  return msgpackLoading;
+}
+
+/**
+ * Watches a page for absence: calls `onAway(reason)` when the page is hidden
+ * (Page Visibility API; reason "hidden") or after `idle` ms without input (reason
+ * "idle"), and `onBack()` on the first input or when the page is visible again. Each
+ * transition is reported once: no onAway while away, no onBack while present.
+ */
+export class AutoAway {
+  /**
+   * @param {object} opts
+   * @param {number} [opts.idle]    ms without input before "idle" (default 300000; 0: never)
+   * @param {boolean} [opts.hidden] a hidden page is away (default true)
+   * @param {Function} opts.onAway  (reason) => void
+   * @param {Function} opts.onBack  () => void
+   * @param {Document} [opts.document] the page to watch (default: the global document)
+   */
+  constructor(opts) {
+    this.idle = opts.idle ?? 300000;
+    this.hidden = opts.hidden !== false;
+    this.onAway = opts.onAway;
+    this.onBack = opts.onBack;
+    this.doc = opts.document || globalThis.document;
+    this.away = null; // null (present), "hidden" or "idle"
+    this._lastInput = Date.now();
+    this._timer = null;
+    this._onInput = () => this._activity();
+    this._onVisibility = () => {
+      if (this.doc.visibilityState === "hidden") {
+        if (this.hidden) this._goAway("hidden");
+      } else {
+        this._activity(); // coming back to the tab is activity
+      }
+    };
+  }
+
+  start() {
+    if (!this.doc) return this;
+    const win = this.doc.defaultView || globalThis;
+    for (const name of ACTIVITY_EVENTS) {
+      win.addEventListener(name, this._onInput, { capture: true, passive: true });
+    }
+    this.doc.addEventListener("visibilitychange", this._onVisibility);
+    this._lastInput = Date.now();
+    if (this.hidden && this.doc.visibilityState === "hidden") this._goAway("hidden");
+    this._arm(this.idle);
+    return this;
+  }
+
+  stop() {
+    clearTimeout(this._timer);
+    if (!this.doc) return;
+    const win = this.doc.defaultView || globalThis;
+    for (const name of ACTIVITY_EVENTS) {
+      win.removeEventListener(name, this._onInput, { capture: true });
+    }
+    this.doc.removeEventListener("visibilitychange", this._onVisibility);
+  }
+
+  _activity() {
+    this._lastInput = Date.now();
+    if (this.away !== null && !(this.away === "hidden" && this.doc.visibilityState === "hidden")) {
+      this.away = null;
+      this.onBack();
+    }
+    // One timer that re-arms itself from the last input, rather than one per input
+    // event: pointermove fires many times a second.
+    if (this._timer === null) this._arm(this.idle);
+  }
+
+  _arm(delay) {
+    clearTimeout(this._timer);
+    this._timer = null;
+    if (!(this.idle > 0)) return;
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      const left = this._lastInput + this.idle - Date.now();
+      if (left > 0) this._arm(left);
+      else this._goAway("idle");
+    }, delay);
+  }
+
+  _goAway(reason) {
+    if (this.away !== null) return;
+    this.away = reason;
+    this.onAway(reason);
   }
 }
 
@@ -151,7 +278,10 @@ export class PresenceClient {
    * @param {object} opts
    * @param {string} opts.url            ws(s)://host:port/ws
    * @param {string} opts.token          the JWT
-   * @param {string} [opts.format]       "json" (the only one spoken here)
+   * @param {string} [opts.format]       "json" (default) or "msgpack"
+   * @param {object} [opts.codec]        {encode, decode} for msgpack (default: loadMsgpack())
+   * @param {boolean|object} [opts.autoAway] set `away` while the page is hidden or idle:
+   *                                     true, or {idle: ms, hidden: bool} (default off)
    * @param {boolean} [opts.reconnect]   reconnect after a lost connection (default true)
    * @param {number} [opts.backoffInitial] first reconnect delay bound, ms (default 500)
    * @param {number} [opts.backoffMax]   largest reconnect delay bound, ms (default 30000)
@@ -163,10 +293,13 @@ export class PresenceClient {
   constructor(opts) {
     const o = opts || {};
     if (!o.url) throw new TypeError("PresenceClient needs a url");
-    if ((o.format || "json") !== "json") throw new TypeError("only the json format is supported");
+    const format = o.format || "json";
+    if (!FORMATS.has(format)) throw new TypeError(`unknown format ${format} (json or msgpack)`);
     this.url = o.url;
     this.token = o.token || "";
-    this.format = "json";
+    this.format = format; // asked for; `wire` is what the server agreed to
+    this.wire = null;
+    this._codec = o.codec || null;
     this.reconnect = o.reconnect !== false;
     this.backoffInitial = o.backoffInitial ?? 500;
     this.backoffMax = o.backoffMax ?? 30000;
@@ -189,20 +322,25 @@ export class PresenceClient {
     this._pingTimer = null;
     this._readyWaiters = [];
     this._stopped = false;
+    this._chosenStatus = null; // the status the user last set (join meta or update)
+    this._autoAway = null;
     this._onOnline = () => {
       if (this.status === "reconnecting") this._reconnectNow();
     };
     if (globalThis.addEventListener) globalThis.addEventListener("online", this._onOnline);
+    if (o.autoAway) this.setAutoAway(o.autoAway === true ? {} : o.autoAway);
   }
 
   // -- events ---------------------------------------------------------------------------
 
   /**
    * Subscribe to an event; returns a function that unsubscribes.
-   *   on("presence", ch?, (view, ch, change) => ...)  change: the diff, or {snapshot: true}
+   *   on("presence", ch?, (view, ch, change) => ...)  change: the diff, {snapshot: true}
+   *                                     or {own: true} (this connection's accepted update)
    *   on("churn", ch?, (records, ch, changed) => ...)   changed: null for a snapshot
    *   on("status", (status, info) => ...)
    *   on("welcome", (welcome) => ...)  on("error", (err) => ...)
+   *   on("autoaway", (reason) => ...)   reason: "hidden", "idle", or null when back
    */
   on(event, chOrFn, maybeFn) {
     const ch = typeof chOrFn === "function" ? null : chOrFn;
@@ -260,6 +398,8 @@ export class PresenceClient {
     clearTimeout(this._timer);
     this._stopPing();
     if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
+    if (this._autoAway) this._autoAway.stop();
+    this._autoAway = null;
     const ws = this._ws;
     this._ws = null;
     if (ws) {
@@ -279,15 +419,32 @@ export class PresenceClient {
   _open(status) {
     clearTimeout(this._timer);
     this._setStatus(status);
+    if (this.format === "msgpack" && !this._codec) {
+      loadMsgpack().then(
+        (codec) => {
+          this._codec = codec;
+          if (!this._stopped && !this._ws) this._open(status);
+        },
+        (err) => this._fatal({ code: 0, reason: err.message }),
+      );
+      return;
+    }
     let ws;
     try {
-      ws = new this._WS(this.url, [SUBPROTOCOL]);
+      // Offering JSON second lets a server without msgpack still answer; the frames then
+      // follow what it selected (ws.protocol), not what was asked for.
+      const offer = this.format === "msgpack" ? [SUBPROTOCOL_MSGPACK, SUBPROTOCOL_JSON] : [SUBPROTOCOL_JSON];
+      ws = new this._WS(this.url, offer);
     } catch (err) {
       this._fatal({ code: 0, reason: String(err) });
       return;
     }
     this._ws = ws;
-    ws.onopen = () => this._send({ t: "hello", token: this.token });
+    ws.binaryType = "arraybuffer";
+    ws.onopen = () => {
+      this.wire = ws.protocol === SUBPROTOCOL_MSGPACK ? "msgpack" : "json";
+      this._send({ t: "hello", token: this.token });
+    };
     ws.onmessage = (ev) => this._onMessage(ev.data);
     ws.onerror = () => {}; // followed by onclose, which decides
     ws.onclose = (ev) => this._onClose(ws, ev.code, ev.reason);
@@ -343,13 +500,18 @@ export class PresenceClient {
 
   _send(frame) {
     if (!this._ws || this._ws.readyState !== 1) throw new PresenceError("disconnected", "not connected");
-    this._ws.send(JSON.stringify(frame));
+    if (this.wire === "msgpack") {
+      // ignoreUndefined: a field set to undefined is left out, as JSON.stringify does.
+      this._ws.send(this._codec.encode(frame, { ignoreUndefined: true }));
+    } else {
+      this._ws.send(JSON.stringify(frame));
+    }
   }
 
   _onMessage(data) {
     let f;
     try {
-      f = JSON.parse(data);
+      f = typeof data === "string" ? JSON.parse(data) : this._codec.decode(new Uint8Array(data));
     } catch (_) {
       return;
     }
@@ -487,6 +649,15 @@ export class PresenceClient {
   async join(ch, meta = undefined) {
     const entry = this._channels.get(ch) || { meta, joined: false };
     if (meta !== undefined) entry.meta = meta;
+    if (!ch.startsWith("churn:")) {
+      if (meta && meta.status) this._chosenStatus = meta.status;
+      else if (this._chosenStatus === null) this._chosenStatus = "online"; // the server's default
+      // Joining while away (hidden or idle) joins as away; the chosen status comes back
+      // with activity.
+      if (this._autoAway && this._autoAway.away !== null && this._chosenStatus !== "away") {
+        entry.meta = { ...(entry.meta || {}), status: "away" };
+      }
+    }
     this._channels.set(ch, entry);
     try {
       const reply = await this._joinNow(ch, entry.meta);
@@ -526,13 +697,81 @@ export class PresenceClient {
     }
   }
 
-  /** Change this connection's meta in every joined presence channel. */
+  /**
+   * Change this connection's meta in every joined presence channel. A `status` given
+   * here is the user's choice: auto-away returns to it on activity.
+   */
   async update(meta) {
-    const reply = await this.request({ t: "update", meta });
+    if (meta && meta.status) this._chosenStatus = meta.status;
+    return this._update(meta);
+  }
+
+  async _update(meta) {
+    // Remember first: a reconnect during the request rejoins with the new meta.
     for (const [ch, entry] of this._channels) {
       if (!ch.startsWith("churn:")) entry.meta = { ...(entry.meta || {}), ...meta };
     }
+    const reply = await this.request({ t: "update", meta });
+    this._applyOwn(meta);
     return reply;
+  }
+
+  /**
+   * The server sends no diff about a connection's own changes, so mirror an accepted
+   * update here: this connection's meta in each presence mirror, with the next seq (the
+   * server's count too). Emits "presence" with change {own: true}.
+   */
+  _applyOwn(meta) {
+    const me = this.welcome;
+    if (!me) return;
+    const fields = {};
+    for (const key of ["status", "device", "note"]) if (meta[key] !== undefined) fields[key] = meta[key];
+    for (const [ch, mirror] of this.mirrors) {
+      const cur = mirror.users.get(me.user)?.get(me.conn);
+      if (!cur) continue;
+      mirror._merge(me.user, { ...cur, ...fields, seq: cur.seq + 1 });
+      this._emit("presence", ch, mirror.view(), ch, { own: true });
+    }
+  }
+
+  // -- auto-away ------------------------------------------------------------------------
+
+  /**
+   * Turn auto-away on ({idle: ms, hidden: bool}, see AutoAway) or off (false). While on,
+   * the client sets `away` when the page is hidden or idle and the status the user chose
+   * (join meta or update()) on activity; a user who chose `away` is left alone.
+   * Emits "autoaway" with (reason or null).
+   */
+  setAutoAway(opts) {
+    if (this._autoAway) {
+      const wasAway = this._autoAway.away !== null;
+      this._autoAway.stop();
+      this._autoAway = null;
+      if (wasAway) this._autoStatus(null);
+    }
+    if (!opts || typeof document === "undefined") return;
+    this._autoAway = new AutoAway({
+      ...opts,
+      onAway: (reason) => this._autoStatus(reason),
+      onBack: () => this._autoStatus(null),
+    }).start();
+  }
+
+  /** Why auto-away holds the status at `away` ("hidden" or "idle"), or null. */
+  get autoAwayReason() {
+    return this._autoAway ? this._autoAway.away : null;
+  }
+
+  _autoStatus(reason) {
+    this._emit("autoaway", null, reason);
+    const chosen = this._chosenStatus;
+    if (chosen === null || chosen === "away") return; // nothing joined yet, or already away
+    const hasPresence = [...this._channels.keys()].some((ch) => !ch.startsWith("churn:"));
+    if (!hasPresence) return;
+    this._update({ status: reason === null ? chosen : "away" }).catch((err) => {
+      // Not connected: the rejoin carries the status (entry.meta). Otherwise, show it.
+      if (this.status === "connected" && err.code !== "disconnected") this._emit("error", null, err);
+    });
   }
 
   /** Presence of users anywhere (role csm/admin/service); resolves with `result.users`. */

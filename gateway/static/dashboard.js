@@ -2,12 +2,15 @@
 //
 // Settings come from the URL fragment
 //   #token=JWT&ws=ws://host:8765/ws&admin=http://host:9090&team=team:w1&org=acme
-// or from the settings form. The token never leaves the page except to the gateway.
+// or from the settings form. Auto-away is on: `idle=<seconds>` (default 300) sets the idle
+// time, `autoaway=0` turns it off, `format=msgpack` speaks the msgpack subprotocol. The token never leaves the page except to the gateway.
 
 import { PresenceClient, overallStatus } from "/static/client.js";
 
 const $ = (id) => document.getElementById(id);
 const STATUS_ORDER = { online: 0, busy: 1, away: 2, offline: 3 };
+const IDLE_DEFAULT_S = 300;
+const AUTO_TEXT = { hidden: "Shown as away while this page is hidden.", idle: "Shown as away: idle. Move or type to come back." };
 const NODE_POLL_MS = 15000; // the admin API allows 10 requests a minute; we make 2 per poll
 const reduceMotion = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
 
@@ -27,7 +30,10 @@ const state = {
 
 function defaults() {
   const wsProto = location.protocol === "https:" ? "wss:" : "ws:";
-  return { token: "", ws: location.host ? `${wsProto}//${location.host}/ws` : "", admin: "", team: "", org: "" };
+  return {
+    token: "", ws: location.host ? `${wsProto}//${location.host}/ws` : "", admin: "", team: "", org: "",
+    idle: String(IDLE_DEFAULT_S), autoaway: "1", format: "json",
+  };
 }
 
 function readFragment() {
@@ -49,7 +55,10 @@ function fillForm(cfg) {
 }
 
 function readForm() {
+  // The form has no fields for these; keep what the fragment said.
+  const { idle, autoaway, format } = { ...defaults(), ...state.cfg };
   return {
+    idle, autoaway, format,
     token: $("f-token").value.trim(),
     ws: $("f-ws").value.trim(),
     admin: $("f-admin").value.trim().replace(/\/+$/, ""),
@@ -161,6 +170,16 @@ function renderMe() {
   for (const b of document.querySelectorAll("#me [data-status]")) {
     b.setAttribute("aria-pressed", String(b.dataset.status === state.myStatus));
   }
+  const reason = state.client ? state.client.autoAwayReason : null;
+  $("me").dataset.auto = reason || "";
+  $("me-auto").textContent = reason && state.myStatus !== "away" ? AUTO_TEXT[reason] : "";
+}
+
+/** Auto-away options from the settings, or false when turned off. */
+function autoAwayOptions(cfg) {
+  if (cfg.autoaway === "0" || cfg.autoaway === "false") return false;
+  const idle = Number(cfg.idle);
+  return { idle: Number.isFinite(idle) && idle >= 0 ? idle * 1000 : IDLE_DEFAULT_S * 1000 };
 }
 
 async function setMyMeta(patch) {
@@ -187,6 +206,13 @@ function churnItem(r) {
   return li;
 }
 
+/** The bar's fill, sized through the CSSOM: the page's policy refuses style="" attributes. */
+function barFill(r) {
+  const fill = el("span", { class: `b-${r.band}` });
+  fill.style.width = `${Math.round(r.score * 100)}%`;
+  return fill;
+}
+
 function fillChurnItem(li, r) {
   li._record = r;
   const open = state.expanded.has(r.supplier);
@@ -198,7 +224,7 @@ function fillChurnItem(li, r) {
     el("span", {}, el("span", { class: `band b-${r.band}`, text: r.band }), " ",
       el("span", { class: "score", text: r.score.toFixed(2) })),
     el("span", { class: "bar", "aria-hidden": "true" },
-      el("span", { class: `b-${r.band}`, style: `width:${Math.round(r.score * 100)}%` })),
+      barFill(r)),
     el("span", { class: "sub", text: `model ${r.model} · ${ago(r.at)}${moved}` }),
   );
   const old = li.querySelector(".factors");
@@ -376,9 +402,13 @@ async function start(cfg) {
     pollNode();
     return;
   }
-  const client = new PresenceClient({ url: cfg.ws, token: cfg.token, format: "json" });
+  const client = new PresenceClient({
+    url: cfg.ws, token: cfg.token, format: cfg.format === "msgpack" ? "msgpack" : "json",
+    autoAway: autoAwayOptions(cfg),
+  });
   state.client = client;
   client.on("status", onStatus);
+  client.on("autoaway", renderMe);
   client.on("error", (err) => setMsg("team-msg", err.message, true));
   const churnCh = cfg.org ? `churn:${cfg.org}` : null;
   if (cfg.team) {
