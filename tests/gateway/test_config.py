@@ -234,3 +234,10 @@ def test_plain_names_are_unique_across_groups() -> None:
     assert GROUP_OF["max_frame"] == "transport" and GROUP_OF["node_id"] == ""
     with pytest.raises(SettingsError, match="unknown setting nope"):
         Settings.of(nope=1)
+
+
+def test_the_example_file_loads() -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "presence.example.toml"
+    s = load_settings(example, env={})
+    assert (s.transport.host, s.quotas.requests_burst) == ("0.0.0.0", 40)
+    assert s.autoscale.freeze_weekdays == (5,)
