@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from presence.channels import CHURN_PREFIX, validate_channel
 from presence.errors import BadRequest
+from presence.text import check_identifier
 
 __all__ = [
     "MAX_FACTORS",
@@ -111,6 +112,7 @@ def _factors(raw: object, where: str) -> dict[str, float]:
                 f"{where} names must be strings of 1 to {MAX_FACTOR_NAME} characters",
                 field=where,
             )
+        check_identifier(name, where)
         number = _number(value)
         if number is None:
             raise BadRequest(f"{where}.{name} must be a finite number", field=f"{where}.{name}")
@@ -127,6 +129,7 @@ def _score(raw: object, where: str) -> ScoreIn:
             f"{where}.supplier must be a string of 1 to {MAX_SUPPLIER} characters",
             field=f"{where}.supplier",
         )
+    check_identifier(supplier, f"{where}.supplier")
     score = _number(raw.get("score"))
     if score is None or not 0.0 <= score <= 1.0:
         raise BadRequest(f"{where}.score must be a number in [0, 1]", field=f"{where}.score")
@@ -136,6 +139,7 @@ def _score(raw: object, where: str) -> ScoreIn:
             f"{where}.model must be a string of 1 to {MAX_MODEL} characters",
             field=f"{where}.model",
         )
+    check_identifier(model, f"{where}.model")
     factors = _factors(raw.get("factors"), f"{where}.factors")
     return ScoreIn(supplier, score, model, factors)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from presence.churn_ingest import (
     ScoreIn,
     parse_ingest,
 )
+from presence.codec import pack
 from presence.errors import BadRequest
 
 
@@ -104,6 +106,14 @@ def test_unknown_fields_are_ignored_and_factors_may_be_null() -> None:
         (body(rec(factors={"tenure": math.inf})), "scores[0].factors.tenure"),
         (body(rec(factors={"tenure": False})), "scores[0].factors.tenure"),
         (body(rec(factors={"tenure": 10**400})), "scores[0].factors.tenure"),
+        # Issue 10 item 3: text that cannot be encoded, or control characters in ids.
+        (body(rec(supplier="\ud800x")), "scores[0].supplier"),
+        (body(rec(), rec("s2\udfff")), "scores[1].supplier"),
+        (body(rec(supplier="s1\n")), "scores[0].supplier"),
+        (body(rec(model="v\ud800")), "scores[0].model"),
+        (body(rec(model="v3\x1b")), "scores[0].model"),
+        (body(rec(factors={"ten\ud800ure": 0.1})), "scores[0].factors"),
+        (body(rec(factors={"tenure\x00": 0.1})), "scores[0].factors"),
     ],
 )
 def test_bad_bodies_name_the_field(raw: Any, field: str | None) -> None:
@@ -142,12 +152,18 @@ json_values = st.recursive(
     max_leaves=20,
 )
 
+# Lone surrogates and control characters, which hypothesis leaves out of text by default.
+odd_text = st.lists(
+    st.characters(categories=["Cs"]) | st.characters(categories=["Cc"]) | st.characters(),
+    max_size=4,
+).map("".join)
 near_score = st.fixed_dictionaries(
-    {"supplier": st.text(max_size=4) | json_scalars,
+    {"supplier": odd_text | st.text(max_size=4) | json_scalars,
      "score": st.floats(-0.5, 1.5) | json_scalars},
-    optional={"factors": st.dictionaries(st.text(max_size=3), json_scalars, max_size=3)
+    optional={"factors": st.dictionaries(odd_text | st.text(max_size=3), json_scalars,
+                                         max_size=3)
               | json_values,
-              "model": st.text(max_size=3) | json_scalars},
+              "model": odd_text | st.text(max_size=3) | json_scalars},
 )
 near_body = st.fixed_dictionaries(
     {"org": st.sampled_from(["acme", "", "A", "org:x"]) | json_scalars,
@@ -163,19 +179,25 @@ def test_never_raises_anything_but_bad_request(raw: Any) -> None:
         assert exc.field is None or isinstance(exc.field, str)
         return
     assert req.scores
+    # Whatever is accepted can be published and sent in a snapshot.
+    for s in req.scores:
+        pack([s.supplier, s.model, dict(s.factors)])
+        orjson.dumps([s.supplier, s.model, dict(s.factors)])
     for s in req.scores:
         assert 0.0 <= s.score <= 1.0
         assert all(math.isfinite(v) for v in s.factors.values())
     assert len({s.supplier for s in req.scores}) == len(req.scores)
 
 
+# Identifiers: any character but controls (Cc) and surrogates (Cs), see presence/text.py.
+ident_chars = st.characters(exclude_categories=["Cc", "Cs"])
 good_score = st.fixed_dictionaries(
-    {"supplier": st.text(min_size=1, max_size=128),
+    {"supplier": st.text(ident_chars, min_size=1, max_size=128),
      "score": st.floats(0, 1) | st.sampled_from([0, 1])},
-    optional={"factors": st.dictionaries(st.text(min_size=1, max_size=64),
+    optional={"factors": st.dictionaries(st.text(ident_chars, min_size=1, max_size=64),
                                          st.floats(allow_nan=False, allow_infinity=False),
                                          max_size=MAX_FACTORS),
-              "model": st.text(min_size=1, max_size=32)},
+              "model": st.text(ident_chars, min_size=1, max_size=32)},
 )
 
 

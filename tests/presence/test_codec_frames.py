@@ -363,6 +363,39 @@ def test_query_of_more_than_100_users_is_limit_exceeded() -> None:
     assert info.value.field == "users"
 
 
+def test_query_counts_duplicates_once() -> None:
+    """Issue 10 item 7: 150 copies of one id are one id, not a quota breach."""
+    assert parse_request({"t": "query", "users": ["u1"] * 150}) == Query(None, ("u1",))
+    hundred = [f"u{i}" for i in range(MAX_QUERY_USERS)]
+    assert parse_request({"t": "query", "users": hundred * 3}) == Query(None, tuple(hundred))
+    with pytest.raises(LimitExceeded):
+        parse_request({"t": "query", "users": [*hundred, *hundred, "u100"]})
+
+
+@pytest.mark.parametrize("user", ["\ud800", "u\ud800x", "u1\n", "u\x00", "\x1b[31m", "u\x85"])
+def test_query_refuses_unencodable_or_control_ids(user: str) -> None:
+    assert bad_field({"t": "query", "users": ["ok", user]}) == "users"
+
+
+@pytest.mark.parametrize(("meta", "field"), [
+    ({"device": "\ud800x"}, "meta.device"),
+    ({"note": "x\udfff"}, "meta.note"),
+])
+def test_meta_text_must_encode(meta: dict[str, Any], field: str) -> None:
+    assert bad_field({"t": "update", "meta": meta}) == field
+    assert bad_field({"t": "join", "ch": "team:w1", "meta": meta}) == field
+
+
+def test_meta_free_text_may_hold_a_newline() -> None:
+    req = parse_request({"t": "update", "meta": {"note": "line 1\nline 2"}})
+    assert req == Update(None, MetaPatch(note="line 1\nline 2"))
+
+
+@pytest.mark.parametrize("token", ["\ud800", "abc\x00", "a.b.c\n"])
+def test_hello_token_must_be_encodable_text(token: str) -> None:
+    assert bad_field({"t": "hello", "token": token}) == "token"
+
+
 def test_hello_and_ping() -> None:
     assert parse_request({"t": "hello", "token": "abc"}) == Hello(None, "abc")
     assert parse_request({"t": "hello", "ref": 0}) == Hello(0, None)  # token in the header
