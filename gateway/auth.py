@@ -14,8 +14,9 @@ from typing import Any
 import jwt
 from jwt.types import Options
 
-from presence.errors import Unauthorized
+from presence.errors import BadRequest, Unauthorized
 from presence.settings import Settings
+from presence.text import check_identifier, is_encodable
 
 ROLES = ("member", "csm", "admin", "service")
 TIERS = ("free", "paid")
@@ -52,6 +53,8 @@ class Authenticator:
     def verify(self, token: str | None) -> Claims:
         if not token:
             raise Unauthorized("missing token")
+        if not is_encodable(token):  # PyJWT would raise UnicodeEncodeError, not a JWT error
+            raise Unauthorized("invalid token: not valid text")
         options: Options = {"require": ["exp", "sub"], "verify_aud": self.audience is not None}
         try:
             payload = jwt.decode(
@@ -72,9 +75,18 @@ class Authenticator:
 
 
 def claims_from_payload(payload: dict[str, Any]) -> Claims:
+    """The claims of a verified payload; :class:`Unauthorized` for any unusable claim.
+
+    ``sub`` becomes the user id everywhere (snapshots, logs, the Store), so it is
+    checked as an identifier: encodable text without control characters.
+    """
     sub = payload.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > 128:
         raise Unauthorized("sub must be a non-empty string of at most 128 characters")
+    try:
+        check_identifier(sub, "sub")
+    except BadRequest as exc:
+        raise Unauthorized(exc.message) from None
     channels = payload.get("channels", [])
     if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
         raise Unauthorized("channels must be a list of strings")

@@ -19,9 +19,13 @@ record is always the band last published.
 
 Ordering: the records are stored first, then published, as presence updates are, so
 that a client joining at any moment either reads the new records in its snapshot or
-receives them in the event. If the publication fails, the published suppliers'
-previous records are put back, so that retrying the same body publishes them again
-(a supplier seen for the first time stays stored: the Store has no delete).
+receives them in the event. Every record is encoded for both client formats (JSON and
+msgpack), and the broker payload built, BEFORE anything is stored: a record the
+service could store but not publish or send in a snapshot would poison the org's
+channel (issue 10), so such a request is refused with nothing stored. If the
+publication fails, the published suppliers' previous records are put back, so that
+retrying the same body publishes them again (a supplier seen for the first time stays
+stored: the Store has no delete).
 """
 
 from __future__ import annotations
@@ -29,23 +33,29 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from cluster.base import BackendUnavailable, Broker, Store
-from gateway.admin import require_role
 from gateway.auth import INGEST_ROLES
+from gateway.http import json_response, read_body, require_role
 from presence.churn import ChurnRecord, next_record
 from presence.churn_ingest import IngestRequest, parse_ingest
+from presence.codec import Format, encode
 from presence.errors import BadRequest
 from presence.messages import encode_churn
 from presence.settings import Settings
 
-__all__ = ["MAX_BODY", "ChurnNode", "add_churn_routes", "ingest_churn"]
+__all__ = ["BODY_TIMEOUT", "MAX_BODY", "ChurnNode", "add_churn_routes", "ingest_churn"]
 
 MAX_BODY = 1024 * 1024
 """Largest accepted request body, in bytes (1,000 records with 32 factors fit easily)."""
+
+BODY_TIMEOUT = 10.0
+"""Seconds the whole body may take to arrive once its headers have (else 408): 1 MiB
+at 100 KiB/s. A trickled body would otherwise hold a handler and a socket for good."""
 
 
 class ChurnNode(Protocol):
@@ -61,14 +71,33 @@ class ChurnNode(Protocol):
     def settings(self) -> Settings: ...
 
 
+def check_encodable(channel: str, records: Sequence[ChurnRecord], now: int) -> None:
+    """Raise :class:`BadRequest` naming ``scores[i]`` unless every record encodes in both
+    client formats (snapshot and event frames carry the wire map as it is).
+
+    :func:`presence.churn_ingest.parse_ingest` already refuses the text that breaks
+    encoders; this is the last line before the Store, so that no future field or rule
+    can store what cannot be sent.
+    """
+    for i, record in enumerate(records):
+        frame = {"t": "churn", "ch": channel, "ts": now, "records": [record.to_wire()]}
+        for fmt in Format:
+            try:
+                encode(frame, fmt)
+            except (TypeError, ValueError, OverflowError):  # orjson/msgpack encode errors
+                raise BadRequest(f"scores[{i}] cannot be encoded for clients",
+                                 field=f"scores[{i}]") from None
+
+
 async def ingest_churn(
     store: Store, broker: Broker, settings: Settings, req: IngestRequest, now: int
 ) -> dict[str, int]:
     """Store the request's records and publish those worth it; return the counts
     ``{"accepted": n, "published": p, "unchanged": n - p}``.
 
-    Raises :class:`cluster.base.BackendUnavailable` when the Store or the Broker cannot
-    be reached (nothing is published then; see the module docstring for what is kept).
+    Raises :class:`BadRequest` (nothing stored) when a record cannot be encoded, and
+    :class:`cluster.base.BackendUnavailable` when the Store or the Broker cannot be
+    reached (nothing is published then; see the module docstring for what is kept).
     """
     suppliers = [s.supplier for s in req.scores]
     previous = await store.churn_get(req.org, suppliers)
@@ -88,10 +117,12 @@ async def ingest_churn(
         records.append(record)
         if publish:
             published.append(record)
+    check_encodable(req.channel, records, now)
+    payload = encode_churn(published, now) if published else b""
     await store.churn_put(req.org, records)
     if published:
         try:
-            await broker.publish([(req.channel, encode_churn(published, now))])
+            await broker.publish([(req.channel, payload)])
         except BackendUnavailable:
             restore = [previous[r.supplier] for r in published if r.supplier in previous]
             if restore:
@@ -101,30 +132,6 @@ async def ingest_churn(
             raise
     n = len(records)
     return {"accepted": n, "published": len(published), "unchanged": n - len(published)}
-
-
-def _error(status: int, code: str, message: str, field: str | None = None,
-           headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"error": code, "message": message, "field": field}, status=status, headers=headers
-    )
-
-
-async def _read_body(request: web.Request) -> bytes:
-    """The request body, refusing (BadRequest) more than :data:`MAX_BODY` bytes."""
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await request.content.readany()
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise BadRequest(f"the body is larger than {MAX_BODY} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _now_ms() -> int:
@@ -141,27 +148,21 @@ def add_churn_routes(app: web.Application, node: ChurnNode) -> None:
     Replies: 200 with the counts of :func:`ingest_churn`; 400
     ``{"error": "bad_request", "message": ..., "field": ...}`` for a body that is not
     JSON, is larger than 1 MiB or breaks a rule of :mod:`presence.churn_ingest`
-    (nothing stored); 401/403 from :func:`gateway.admin.require_role`; 503
-    ``{"error": "overloaded", ...}`` with ``Retry-After`` when the backend is down.
+    (nothing stored); 408 for a body slower than :data:`BODY_TIMEOUT`; 401/403 from
+    :func:`gateway.http.require_role`; 503 ``{"error": "overloaded", ...}`` with
+    ``Retry-After`` when the backend is down (rendered by gateway/http.py).
     """
 
     async def post_churn(request: web.Request) -> web.StreamResponse:
         require_role(request, INGEST_ROLES)
+        raw = await read_body(request, MAX_BODY, BODY_TIMEOUT)
         try:
-            raw = await _read_body(request)
-            try:
-                # NaN and Infinity are not JSON, whatever Python's json accepts.
-                body: Any = json.loads(raw, parse_constant=_reject_constant)
-            except (ValueError, RecursionError):
-                raise BadRequest("the body is not valid JSON") from None
-            req = parse_ingest(body)
-        except BadRequest as exc:
-            return _error(400, exc.code, exc.message, exc.field)
-        try:
-            counts = await ingest_churn(node.store, node.broker, node.settings, req, _now_ms())
-        except BackendUnavailable:
-            return _error(503, "overloaded", "the backend is unavailable, retry later",
-                          headers={"Retry-After": "1"})
-        return web.json_response(counts)
+            # NaN and Infinity are not JSON, whatever Python's json accepts.
+            body: Any = json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError):
+            raise BadRequest("the body is not valid JSON") from None
+        req = parse_ingest(body)
+        return json_response(
+            await ingest_churn(node.store, node.broker, node.settings, req, _now_ms()))
 
     app.router.add_post("/v1/churn", post_churn)

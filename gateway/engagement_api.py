@@ -14,18 +14,17 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from cluster.base import BackendUnavailable, Store
+from cluster.base import Store
 from cluster.engagement import EngagementStore
-from gateway.admin import json_response, require_role
 from gateway.auth import INGEST_ROLES
+from gateway.http import json_response, require_role, users_param
 from presence.engagement import WINDOW_DAYS, build_report
-from presence.errors import BadRequest, Overloaded
+from presence.errors import BadRequest
 
 __all__ = ["MAX_USERS", "EngagementNode", "add_engagement_routes", "engagement_report"]
 
 MAX_USERS = 100
-"""At most this many user ids per request."""
-MAX_USER_LEN = 128
+"""At most this many distinct user ids per request."""
 
 
 class EngagementNode(Protocol):
@@ -57,38 +56,21 @@ async def engagement_report(
     return out
 
 
-def parse_users(raw: Sequence[str]) -> list[str]:
-    """User ids from ``users`` parameters (repeated or comma-separated): empty and
-    duplicate ids dropped, order kept; :class:`BadRequest` naming ``users`` unless
-    there are 1 .. :data:`MAX_USERS` ids of at most 128 characters."""
-    users = list(dict.fromkeys(u.strip() for part in raw for u in part.split(",") if u.strip()))
-    if not users:
-        raise BadRequest("users must list at least one user id (users=u1,u2)", field="users")
-    if len(users) > MAX_USERS:
-        raise BadRequest(f"at most {MAX_USERS} users per request", field="users")
-    if any(len(u) > MAX_USER_LEN for u in users):
-        raise BadRequest(f"user ids are at most {MAX_USER_LEN} characters", field="users")
-    return users
-
-
 def add_engagement_routes(app: web.Application, node: EngagementNode) -> None:
     """Register ``GET /v1/engagement`` (service or admin token) on the admin ``app``.
 
     Replies: 200 with the reports; 400 ``bad_request`` with ``field: "users"`` for no
-    user, more than 100 or an id over 128 characters; 401/403 from
-    :func:`gateway.admin.require_role`; 503 ``overloaded`` with ``Retry-After`` when a
-    backend is down.
+    user, more than 100 distinct ids or a bad id (:func:`presence.frames.user_ids`);
+    401/403 from :func:`gateway.http.require_role`; 503 ``overloaded`` with
+    ``Retry-After`` when a backend is down (rendered by gateway/http.py).
     """
 
     async def get_engagement(request: web.Request) -> web.Response:
         require_role(request, INGEST_ROLES)
-        users = parse_users(request.query.getall("users", []))
+        # bad_request (not limit_exceeded) past the limit: this route always said so.
+        users = users_param(request, MAX_USERS, too_many=BadRequest)
         now = node.clock_ms()
-        try:
-            reports = await engagement_report(node.engagement, node.store, users, now)
-        except BackendUnavailable:
-            raise Overloaded("the backend is unavailable, retry later", retry_after=1.0
-                             ) from None
+        reports = await engagement_report(node.engagement, node.store, users, now)
         return json_response({"generated_at": now, "users": reports})
 
     app.router.add_get("/v1/engagement", get_engagement)

@@ -7,29 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import mimetypes
 from collections.abc import Sequence
 from http import HTTPStatus
-from pathlib import Path
 from typing import Any
 
 import structlog
 from aiohttp import web
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from cluster.base import Broker, Store
 from cluster.factory import make_backend
+from gateway.admin_server import AdminSite
 from gateway.node import Node
 from gateway.session import Session
+from gateway.static_files import static_response
 from presence.codec import SUBPROTOCOLS, Format
 from presence.settings import Settings
 
 log = structlog.get_logger("presence.server")
 
-STATIC_DIR = Path(__file__).parent / "static"
 WS_PATH = "/ws"
 
 
@@ -45,34 +43,6 @@ def select_subprotocol(
         if name in SUBPROTOCOLS:
             return name
     return None
-
-
-def static_response(path: str) -> Response | None:
-    """A GET for a file under gateway/static (``/client.js``, ``/static/<f>``,
-    ``/dashboard``), or None when the path is not a static file."""
-    if path == "/client.js":
-        name = "client.js"
-    elif path in ("/dashboard", "/", "/dashboard/"):
-        name = "dashboard.html"
-    elif path.startswith("/static/"):
-        name = path[len("/static/") :]
-    else:
-        return None
-    if not name or "/" in name or name.startswith("."):
-        return None
-    file = STATIC_DIR / name
-    if not file.is_file():
-        return None
-    body = file.read_bytes()
-    ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    if name.endswith(".js"):
-        ctype = "text/javascript"
-    headers = Headers(
-        [("Content-Type", f"{ctype}; charset=utf-8" if ctype.startswith("text") else ctype),
-         ("Content-Length", str(len(body))),
-         ("Cache-Control", "no-cache")]
-    )
-    return Response(HTTPStatus.OK.value, "OK", headers, body)
 
 
 class Gateway:
@@ -150,7 +120,7 @@ class Gateway:
         self.admin_runner = web.AppRunner(app, access_log=None)
         await self.admin_runner.setup()
         t = self.settings.transport
-        site = web.TCPSite(self.admin_runner, t.admin_host, t.admin_port)
+        site = AdminSite(self.admin_runner, t.admin_host, t.admin_port)
         await site.start()
         addresses = self.admin_runner.addresses
         if addresses:

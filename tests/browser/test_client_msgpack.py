@@ -59,15 +59,15 @@ async def test_msgpack_end_to_end(browser: Any, gateway: GatewayHandle) -> None:
 
     # and the browser sees the Python client's diffs
     await pat.update(status="away", note="Driving")
-    await p.wait_for_function("window.view.pat && window.view.pat.status === 'away'")
+    await p.wait_for_function("() => window.view.pat && window.view.pat.status === 'away'")
     note = await p.evaluate("window.view.pat.metas[0].note")
     assert note == "Driving"
     await pat.close()
-    await p.wait_for_function("window.view.pat.status === 'offline'")
+    await p.wait_for_function("() => window.view.pat.status === 'offline'")
     assert isinstance(await p.evaluate("window.view.pat.last_seen"), int)
 
     # what went over the wire was MessagePack in binary frames, not JSON
-    await p.wait_for_function("true")  # let Playwright deliver the last frame events
+    await p.wait_for_function("() => true")  # let Playwright deliver the last frame events
     assert frames and all(isinstance(f, bytes) for f in frames), frames[:3]
     kinds = [msgpack.unpackb(f, raw=False)["t"] for f in frames]
     assert kinds[:2] == ["welcome", "joined"] and "diff" in kinds

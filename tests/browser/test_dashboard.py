@@ -136,7 +136,7 @@ async def test_dashboard_member_token_sees_clear_messages(browser: Any,
     p = page.page
     await p.wait_for_selector("#team-list li[data-user='mia']")
     await p.wait_for_function(
-        "document.querySelector('#churn-msg').textContent.includes('csm')")
+        "() => document.querySelector('#churn-msg').textContent.includes('csm')")
     node_msg = await p.inner_text("#node-msg")
     assert "admin token" in node_msg and "member" in node_msg
     assert page.errors == []
@@ -174,14 +174,14 @@ async def test_client_reconnects_and_rejoins(browser: Any, gateway_factory: Any)
     await gw1.gateway.stop()
     gw2 = await gateway_factory(port=port, jwt_secret=secret)
     await p.wait_for_function(
-        "window.clientLog.some(e => e[0] === 'reconnecting' && e[1] === 1012)"
+        "() => window.clientLog.some(e => e[0] === 'reconnecting' && e[1] === 1012)"
         " && window.client.status === 'connected' && window.view && window.view.bea")
     metas = (await gw2.node.store.channel_presence("team:w1"))["bea"]
     assert [(m.status, m.note) for m in metas] == [("busy", "Rehearsal")]
     # a member joining on the new server reaches the rejoined client's mirror
     other = await gw2.client("cy", channels=["team:w1"])
     await other.join("team:w1", {"status": "away"})
-    await p.wait_for_function("window.view.cy && window.view.cy.status === 'away'")
+    await p.wait_for_function("() => window.view.cy && window.view.cy.status === 'away'")
     await p.evaluate("window.client.close()")
     # Chromium logs a refused WebSocket while the server restarts; nothing else may fail.
     assert [e for e in page.errors if "WebSocket connection to" not in e] == []
