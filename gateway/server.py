@@ -23,6 +23,7 @@ from gateway.admin_server import AdminSite
 from gateway.node import Node
 from gateway.session import Session
 from gateway.static_files import static_response
+from gateway.transport import WRITE_LIMIT, BufferPolicy, bounded_connections
 from presence.codec import SUBPROTOCOLS, Format
 from presence.settings import Settings
 
@@ -100,6 +101,15 @@ class Gateway:
             # permessage-deflate triples memory per connection and slows fan-out 4.5x.
             compression=None,
             max_size=s.max_frame,
+            # Reading pauses while the write buffer is above write_limit, and a client
+            # that lets it stay above max_buffer, or reads nothing for ping_timeout,
+            # is closed (gateway/transport.py): a ping flood cannot grow memory.
+            create_connection=bounded_connections(BufferPolicy(
+                max_buffer=s.max_buffer,
+                stall_timeout=s.ping_timeout,
+                on_overflow=self._on_overflow,
+            )),
+            write_limit=WRITE_LIMIT,
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
             close_timeout=2,
@@ -112,6 +122,10 @@ class Gateway:
         self.port = sock.getsockname()[1]
         log.info("listening", host=s.host, port=self.port, admin_port=self.admin_port,
                  node=self.node.node_id)
+
+    def _on_overflow(self, reason: str) -> None:
+        self.node.metrics.slow_consumers.inc()
+        log.info("slow_consumer_closed", reason=reason)
 
     async def _start_admin(self) -> None:
         from gateway.app import build_admin

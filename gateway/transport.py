@@ -1,0 +1,206 @@
+"""Backpressure for every WebSocket connection: what a client makes the server write is
+bounded by what the client reads.
+
+websockets answers each ping with a pong straight from ``data_received``, outside any
+buffer check, and only pauses reading when its queue of inbound *data* frames is full.
+A client that sends pings (or anything that earns an answer) and never reads therefore
+grows the server's write buffer without bound, before ``hello`` as well as after, and
+the keepalive ping then waits on the full buffer forever, so its pong timeout never
+fires.
+
+:class:`BoundedConnection` (a :class:`~websockets.asyncio.server.ServerConnection`
+passed to ``serve(create_connection=...)``) guarantees, for every connection:
+
+- Reading from the socket is paused while the transport has paused writing (its unsent
+  bytes went above the high-water mark ``write_limit`` given to ``serve``) and resumed
+  when the transport resumes writing (unsent bytes back under the low-water mark).
+  websockets' own pause for a full inbound queue is kept: reading resumes only when
+  neither reason holds. At most one read chunk of answers can land past the mark.
+- A connection whose unsent bytes stay above ``max_buffer`` for longer than
+  ``buffer_grace`` seconds, whatever wrote them (pongs, replies, diffs written by the
+  hub directly to the transport), or whose writing stays paused for longer than
+  ``stall_timeout`` seconds (the client reads nothing: what the keepalive's pong timeout
+  would have caught had its ping not been stuck behind the buffer), is closed: with a
+  1008 close frame and EOF when the connection is open, the TCP connection cut
+  ``close_grace`` seconds later if it has not ended by then; aborted at once otherwise.
+
+The checks cost nothing for a connection that keeps up: the watch timer runs only while
+the transport has paused writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from websockets.asyncio.server import ServerConnection
+from websockets.frames import CloseCode
+from websockets.protocol import State
+
+WRITE_LIMIT = 32 * 1024
+"""High-water mark of a connection's write buffer (websockets' default, made explicit):
+above it, the transport pauses writing and the connection stops reading."""
+
+
+@dataclass(frozen=True, slots=True)
+class BufferPolicy:
+    """Bounds of one connection's unsent bytes (see the module docstring).
+
+    ``on_overflow(reason)`` is called once per connection closed by the policy while it
+    was open (metrics, logs); it must not raise.
+    """
+
+    max_buffer: int = 512 * 1024
+    buffer_grace: float = 1.0
+    stall_timeout: float = 20.0
+    close_grace: float = 1.0
+    on_overflow: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("buffer_grace", "stall_timeout", "close_grace"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+    @property
+    def check_interval(self) -> float:
+        """How often a paused connection is looked at: a quarter of the shorter bound,
+        so a bound is overrun by at most that much."""
+        return min(self.buffer_grace, self.stall_timeout) / 4
+
+
+class BoundedConnection(ServerConnection):
+    """A server connection that reads only as fast as its client reads (module
+    docstring). Use :func:`bounded_connections` to bind a :class:`BufferPolicy`."""
+
+    policy: ClassVar[BufferPolicy] = BufferPolicy()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.queue_full = False
+        self.reading_paused = False
+        self.stalled_since: float | None = None
+        self.over_since: float | None = None
+        self.overflowed: str | None = None
+        """Why the policy closed this connection; None while it has not."""
+        self._watch: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # The inbound assembler pauses and resumes reading on its own; route it through
+        # here, or its resume would undo a pause for a full write buffer.
+        self.recv_messages.pause = self._pause_for_queue
+        self.recv_messages.resume = self._resume_for_queue
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    # -- reading follows writing ------------------------------------------------------
+    def _pause_for_queue(self) -> None:
+        self.queue_full = True
+        self._apply_reading()
+
+    def _resume_for_queue(self) -> None:
+        self.queue_full = False
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        want_paused = self.queue_full or self.paused
+        if want_paused == self.reading_paused or self.transport.is_closing():
+            return
+        self.reading_paused = want_paused
+        if want_paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.stalled_since = self.loop.time()
+        self._apply_reading()
+        self._note_size()
+        self._arm()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self.stalled_since = None
+        self.over_since = None
+        self._disarm()
+        self._apply_reading()
+
+    def send_data(self) -> None:
+        super().send_data()
+        self._note_size()
+
+    # -- the watch while writing is paused --------------------------------------------
+    def _note_size(self) -> None:
+        if (self.over_since is None
+                and self.transport.get_write_buffer_size() > self.policy.max_buffer):
+            self.over_since = self.loop.time()
+
+    def _arm(self) -> None:
+        if self._watch is None:
+            self._watch = self.loop.call_later(self.policy.check_interval, self._check)
+
+    def _disarm(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+
+    def _check(self) -> None:
+        self._watch = None
+        if not self.paused or self.transport.is_closing() or self.overflowed is not None:
+            return
+        now = self.loop.time()
+        policy = self.policy
+        if self.transport.get_write_buffer_size() > policy.max_buffer:
+            if self.over_since is None:
+                self.over_since = now
+            elif now - self.over_since >= policy.buffer_grace:
+                self.overflow("unsent buffer above max_buffer")
+                return
+        else:
+            self.over_since = None
+        if self.stalled_since is not None and now - self.stalled_since >= policy.stall_timeout:
+            self.overflow("client not reading")
+            return
+        self._arm()
+
+    def overflow(self, reason: str) -> None:
+        """Close this connection for its unsent bytes (idempotent; never raises)."""
+        if self.overflowed is not None:
+            return
+        self.overflowed = reason
+        if self.protocol.state is not State.OPEN:
+            # A close is under way already, or there is no WebSocket to close yet.
+            self.transport.abort()
+            return
+        if self.policy.on_overflow is not None:
+            self.policy.on_overflow(reason)
+        # The close frame joins the queue of unsent bytes: a client that starts reading
+        # gets it; one that does not is cut after close_grace.
+        self.protocol.fail(CloseCode.POLICY_VIOLATION, f"slow consumer: {reason}")
+        with contextlib.suppress(Exception):
+            self.send_data()
+        self.loop.call_later(self.policy.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        if not self.connection_lost_waiter.done():
+            self.transport.abort()
+
+
+def bounded_connections(policy: BufferPolicy) -> type[BoundedConnection]:
+    """A :class:`BoundedConnection` class bound to ``policy``, for ``serve``'s
+    ``create_connection`` (which takes a class, not an instance)."""
+
+    class Bounded(BoundedConnection):
+        pass
+
+    Bounded.policy = policy
+    return Bounded
+
+
+__all__ = ["WRITE_LIMIT", "BoundedConnection", "BufferPolicy", "bounded_connections"]
