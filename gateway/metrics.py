@@ -8,13 +8,30 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+KNOWN_CLOSE_CODES = frozenset({1000, 1001, 1006, 1008, 1009, 1011, 1012, 1013, 4000, 4001})
+"""Close codes that get a ``presence_closes_total`` series of their own; a client may
+send any code from 1000 to 4999, so every other code shares the ``other`` series."""
+
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
 )
 
 
+def close_label(code: int | None) -> str:
+    """The ``code`` label of a close: the number of a known code, ``none`` when the
+    connection ended without one, else ``other``."""
+    if code is None:
+        return "none"
+    return str(code) if code in KNOWN_CLOSE_CODES else "other"
+
+
 class Metrics:
-    """Every metric the gateway exports. Label values are bounded sets (codes, kinds)."""
+    """Every metric the gateway exports.
+
+    Label values are bounded sets chosen by the server, never by a client: close codes
+    through :meth:`count_close`, protocol error codes (``PresenceError.code``), rate
+    limit kinds, broker directions (``in``/``out``), autoscaling reasons.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -80,3 +97,8 @@ class Metrics:
             "presence_autoscaler_decision_info",
             "1 for the reason of the current autoscaling decision", ["reason"], registry=r,
         )
+
+    def count_close(self, code: int | None) -> None:
+        """Count one closed connection under :func:`close_label` of ``code`` (at most
+        twelve series, whatever codes clients send)."""
+        self.closes.labels(close_label(code)).inc()
