@@ -153,7 +153,7 @@ class QuotaSettings:
     # Every request of a connection (join, re-join, leave, update, query, ping, refresh)
     # draws on one bucket: a client cannot make the node do unbounded work.
     requests_per_second: float = 20.0
-    requests_burst: int = 40
+    requests_burst: int = 100
     max_user_connections: int = 10
     max_errors_per_minute: int = 30
     max_malformed: int = 5

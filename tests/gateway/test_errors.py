@@ -158,7 +158,7 @@ async def test_internal_error_and_1011(gateway_factory: GatewayFactory) -> None:
     assert "injected" not in f["message"]  # no internals leak to clients
     # Nothing is held back for a joined reply that will not come.
     session = next(s for s in gw.node.sessions if s.user == "u1")
-    assert session.backlog == {}
+    assert session.core.backlog == {}
     assert (await a.ping())["t"] == "pong"
     async with connect(gw.ws_url) as ws:
         await ws.send(orjson.dumps({"t": "hello", "token": gw.token("crash")}).decode())
@@ -239,7 +239,8 @@ async def test_drain_closes_1012_and_publishes_leaves(gateway_factory: GatewayFa
 
 async def test_stuck_client_is_closed_and_memory_bounded(gateway_factory: GatewayFactory) -> None:
     gw = await gateway_factory(max_buffer=64 * 1024, updates_per_second=10_000.0,
-                               updates_burst=10_000, coalesce_ms=0)
+                               updates_burst=10_000, requests_per_second=10_000.0,
+                               requests_burst=10_000, coalesce_ms=0)
     # A client whose socket takes little and which never reads.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
