@@ -123,7 +123,7 @@ class Session:
         self.closing = True
         self.core.closed = True
         self.close_reason = reason
-        self.node.metrics.closes.labels(str(code)).inc()
+        self.node.metrics.count_close(code)
 
     async def _close(self, code: int, reason: str) -> None:
         # websockets' close() drains the write buffer first, with no deadline: a client
@@ -221,7 +221,7 @@ class Session:
         self.core.end()
         code = self.ws.close_code
         if code is not None and not self.closing:
-            node.metrics.closes.labels(str(code)).inc()
+            node.metrics.count_close(code)
         if was_member:
             log.info("connection_close", conn=self.conn, user=self.user, code=code,
                      reason=self.close_reason or self.ws.close_reason or "")
