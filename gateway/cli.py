@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import resource
 import secrets
 import signal
 import sys
 from collections.abc import Sequence
 
+import structlog
 import uvloop
 
 from gateway.auth import ROLES, TIERS, mint_token
@@ -105,6 +107,21 @@ async def _serve(settings: Settings) -> None:
     await gateway.stop()
 
 
+def raise_fd_limit() -> tuple[int, int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; ``(soft before, soft after,
+    hard)``. A process holding ``max_connections`` sockets needs more descriptors than
+    the usual default soft limit; the hard limit is what the operator granted. Never
+    raises: when the kernel refuses, the soft limit stays as it was."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return soft, soft, hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft, hard
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard
+
+
 def _dev_secret(settings: Settings) -> Settings:
     """With no secret configured, make one up and print a token to try the server."""
     if settings.auth.jwt_secret or settings.auth.jwt_algorithm != "HS256":
@@ -134,6 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"presence: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    before, after, hard = raise_fd_limit()
+    # The server lowers its connection cap below max_connections when even this limit
+    # cannot hold them (gateway/server.py, connection_cap), and logs that too.
+    structlog.get_logger("presence.cli").info(
+        "fd_limit", soft_before=before, soft=after, hard=hard,
+        max_connections=settings.transport.max_connections)
     uvloop.run(_serve(settings))
     return 0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
@@ -22,14 +23,39 @@ from cluster.factory import make_backend
 from gateway.admin_server import AdminSite
 from gateway.node import Node
 from gateway.session import Session
-from gateway.static_files import static_response
+from gateway.static_files import SECURITY_HEADERS, static_response
 from gateway.transport import WRITE_LIMIT, BufferPolicy, bounded_connections
 from presence.codec import SUBPROTOCOLS, Format
+from presence.errors import CloseCode
 from presence.settings import Settings
 
 log = structlog.get_logger("presence.server")
 
 WS_PATH = "/ws"
+
+FD_RESERVE = 1024
+"""File descriptors kept free of WebSocket connections: the admin port's bound (256),
+sockets still in their opening handshake (bounded by websockets' 10 s open timeout),
+backend connections, logs. Without them, the process hits EMFILE in ``accept`` before it
+can answer 1013."""
+
+
+def connection_cap(max_connections: int, nofile: int) -> int:
+    """WebSocket connections, authenticated or not, that one process admits:
+    ``max_connections``, lowered when the file-descriptor limit ``nofile`` cannot hold
+    them plus :data:`FD_RESERVE` (a negative ``nofile`` means unlimited). At least 1."""
+    if nofile < 0 or nofile == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, nofile - FD_RESERVE))
+
+
+def _plain(connection: ServerConnection, status: HTTPStatus, text: str) -> Response:
+    """A plain-text answer on the public port, with the same security headers as the
+    static files (the port is also the dashboard's origin)."""
+    response = connection.respond(status, text)
+    for name, value in SECURITY_HEADERS:
+        response.headers[name] = value
+    return response
 
 
 def select_subprotocol(
@@ -65,8 +91,19 @@ class Gateway:
         self.port = settings.transport.port
         self.admin_port = settings.transport.admin_port
         self.stopped = asyncio.Event()
+        self.connection_cap = settings.transport.max_connections
 
     async def _handler(self, ws: ServerConnection) -> None:
+        # Every open WebSocket counts, before ``hello`` too: an unauthenticated socket
+        # holds a file descriptor and memory like any other.
+        if self.server is not None and len(self.server.all_connections) > self.connection_cap:
+            self.node.metrics.count_close(CloseCode.TRY_AGAIN_LATER)
+            try:
+                async with asyncio.timeout(2):
+                    await ws.close(CloseCode.TRY_AGAIN_LATER, "overloaded, reconnect later")
+            except TimeoutError:
+                ws.transport.abort()
+            return
         fmt = Format.for_subprotocol(ws.subprotocol)
         await Session(ws, self.node, fmt).run()
 
@@ -74,19 +111,24 @@ class Gateway:
         path = request.path.split("?", 1)[0]
         if path == WS_PATH:
             if "upgrade" not in request.headers.get("Connection", "").lower():
-                return connection.respond(HTTPStatus.UPGRADE_REQUIRED, "WebSocket endpoint\n")
+                return _plain(connection, HTTPStatus.UPGRADE_REQUIRED, "WebSocket endpoint\n")
             return None
         if path == "/healthz":
-            return connection.respond(HTTPStatus.OK, "ok\n")
+            return _plain(connection, HTTPStatus.OK, "ok\n")
         response = static_response(path)
         if response is not None:
             return response
-        return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        return _plain(connection, HTTPStatus.NOT_FOUND, "not found\n")
 
     async def start(self) -> None:
         """Admin API first (liveness answers while the backend is awaited), then the
         node, then the public listener."""
         s = self.settings.transport
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.connection_cap = connection_cap(s.max_connections, nofile)
+        if self.connection_cap < s.max_connections:
+            log.warning("connection_cap_lowered", max_connections=s.max_connections,
+                        nofile=nofile, reserve=FD_RESERVE, cap=self.connection_cap)
         await self._start_admin()
         await self.node.start()
         if self.autoscaler is not None:
