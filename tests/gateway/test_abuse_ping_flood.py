@@ -48,6 +48,7 @@ class Flooder:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     sent: int = 0
+    lasted: float = 0.0
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
@@ -73,12 +74,14 @@ class Flooder:
 
     async def flood(self, seconds: float) -> None:
         """Send pings for ``seconds`` or until the server cuts the connection."""
+        t0 = time.monotonic()
         with contextlib.suppress(TimeoutError, OSError):
             async with asyncio.timeout(seconds):
                 while True:
                     self.writer.write(CHUNK)
                     await self.writer.drain()
                     self.sent += len(CHUNK)
+        self.lasted = time.monotonic() - t0
         self.ended.set()
 
     def close(self) -> None:
@@ -226,9 +229,11 @@ async def test_ping_flood_keeps_a_real_gateways_rss_flat() -> None:
         for f in flooders:
             f.close()
         print(f"\nreal gateway: RSS {base // 1024} MB before, peak {peak // 1024} MB during "
-              f"the flood; sent {sum(f.sent for f in flooders) // 1024} KB; canary worst "
+              f"the flood; sent {sum(f.sent for f in flooders) // 1024} KB; cut after "
+              f"{', '.join(f'{f.lasted:.1f} s' for f in flooders)}; canary worst "
               f"{canary.worst * 1000:.1f} ms over {canary.answered} pings")
         assert peak - base < 30 * 1024
+        assert all(f.lasted < FLOOD_FOR - 0.5 for f in flooders)  # cut by the server
         assert canary.worst < 0.5
         await canary.client.close()
     finally:
