@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from cluster.memory import MemoryBroker, MemoryStore
@@ -156,3 +156,96 @@ async def test_fuzz_post_churn(gateway: GatewayHandle, http: aiohttp.ClientSessi
         finally:
             await c.close()
 
+
+
+# -- fuzz over raw bodies: any JSON-ish text, weird numbers, escapes, bytes -------------
+
+def _array(items: list[str]) -> str:
+    return "[" + ",".join(items) + "]"
+
+
+def _object(pairs: list[tuple[str, str]]) -> str:
+    return "{" + ",".join(f"{k}:{v}" for k, v in pairs) + "}"
+
+
+# Number literals JSON parsers disagree about, or that overflow a float or an int64.
+ODD_NUMBERS = st.sampled_from([
+    "1e400", "-1e400", "1e-400", "-0", "-0.0", "NaN", "-NaN", "Infinity", "-Infinity",
+    "1" * 400, "0." + "0" * 400 + "1", "9007199254740993", "1E2", "00", "01", ".5", "5.",
+    "+1", "0x10", "1_000", "0.30000000000000004", "4.9e-324", "1.7976931348623157e308",
+])
+NUMBER_TEXT = mostly(st.floats(0, 1).map(repr) | st.integers(-5, 5).map(str),
+                     ODD_NUMBERS | st.floats().map(repr) | st.integers().map(str))
+# Escapes a client can write in JSON text: lone or reversed surrogates, NUL, bad escapes.
+ODD_STRINGS = st.sampled_from([
+    '"\\ud800"', '"x\\udfff"', '"\\udfff\\ud800"', '"\\ud83d\\ude00"', '"\\u0000"',
+    '"a\\nb"', '"\\x41"', '"\\u12"', '"unterminated', '""', '"\\\\"', '"\u2028"',
+])
+STRING_TEXT = mostly(GOOD_TEXT.map(json.dumps), ODD_STRINGS | TEXT.map(json.dumps))
+LEAF_TEXT = NUMBER_TEXT | STRING_TEXT | st.sampled_from(["true", "false", "null"])
+JSONISH = st.recursive(
+    LEAF_TEXT,
+    lambda inner: (st.lists(inner, max_size=3).map(_array)
+                   | st.lists(st.tuples(STRING_TEXT, inner), max_size=3).map(_object)),
+    max_leaves=10,
+)
+ORG_TEXT = mostly(st.sampled_from(['"acme"', '"beta"']), STRING_TEXT | JSONISH)
+
+
+def often(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``good`` nine times in ten: a body has several fields, each may go wrong."""
+    return st.integers(0, 9).flatmap(lambda n: bad if n == 0 else good)
+
+
+SCORE_TEXT = st.tuples(
+    often(STRING_TEXT, JSONISH), often(NUMBER_TEXT, JSONISH),
+    st.none() | often(STRING_TEXT, JSONISH),
+    st.none() | often(st.lists(st.tuples(STRING_TEXT, NUMBER_TEXT), max_size=2)
+                      .map(_object), JSONISH),
+).map(lambda t: _object([('"supplier"', t[0]), ('"score"', t[1])]
+                        + ([('"model"', t[2])] if t[2] is not None else [])
+                        + ([('"factors"', t[3])] if t[3] is not None else [])))
+SHAPED = st.tuples(ORG_TEXT, often(st.lists(SCORE_TEXT, min_size=1, max_size=3)
+                                   .map(_array), JSONISH)).map(
+    lambda t: _object([('"org"', t[0]), ('"scores"', t[1])]))
+RAW_BODY = st.one_of(
+    SHAPED.map(str.encode),
+    SHAPED.map(str.encode),
+    JSONISH.map(str.encode),
+    SHAPED.map(lambda s: s.encode()[: len(s) // 2]),          # truncated
+    st.binary(max_size=64),                                   # not even UTF-8
+    SHAPED.map(lambda s: b"\xef\xbb\xbf" + s.encode()),         # a byte-order mark
+    SHAPED.map(lambda s: s.encode("utf-16")),
+)
+
+
+def store_contents(gw: GatewayHandle) -> dict[str, dict[str, Any]]:
+    """Every churn record of the memory Store, whatever org a body named."""
+    store = gw.node.store
+    assert isinstance(store, MemoryStore)
+    return {org: dict(recs) for org, recs in store._churn.items()}
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(raw=RAW_BODY)
+async def test_fuzz_post_churn_raw_bodies(gateway: GatewayHandle, http: aiohttp.ClientSession,
+                                          raw: bytes) -> None:
+    """Any body: 200, or a 4xx with a JSON error that stored nothing; never a 5xx."""
+    before = store_contents(gateway)
+    status, reply = await post_raw(http, gateway, raw)
+    event(f"status {status}")
+    assert status == 200 or 400 <= status < 500, (status, reply)
+    if status != 200:
+        assert isinstance(reply, dict) and reply["error"], reply
+        assert store_contents(gateway) == before
+        return
+    body = json.loads(raw)
+    assert reply["accepted"] == len(body["scores"])
+    org = body["org"]
+    assert set(store_contents(gateway)[org]) >= {s["supplier"] for s in body["scores"]}
+    c = await PresenceClient.connect(gateway.ws_url, gateway.token("csm", role="csm"), "msgpack")
+    try:
+        assert (await c.join(f"churn:{org}"))["t"] == "joined"
+    finally:
+        await c.close()
