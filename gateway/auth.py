@@ -49,6 +49,7 @@ class Authenticator:
             raise ValueError("no JWT key configured")
         self.issuer = settings.auth.jwt_issuer or None
         self.audience = settings.auth.jwt_audience or None
+        self.leeway = settings.lifetime.token_leeway  # on exp, nbf and iat
 
     def verify(self, token: str | None) -> Claims:
         if not token:
@@ -64,6 +65,7 @@ class Authenticator:
                 issuer=self.issuer,
                 audience=self.audience,
                 options=options,
+                leeway=self.leeway,
             )
         except jwt.ExpiredSignatureError:
             raise Unauthorized("token expired") from None

@@ -129,6 +129,8 @@ class PresenceClient:
         elif t == "left":
             self.mirror.pop(frame["ch"], None)
             self.churn.pop(frame["ch"], None)
+            if ref is None:  # the server left the channel for us (a refresh took it away)
+                self.events.put_nowait(frame)
         if fut is not None and not fut.done():
             fut.set_result(frame)
         else:
@@ -172,6 +174,10 @@ class PresenceClient:
 
     async def ping(self) -> dict[str, Any]:
         return await self.request({"t": "ping"})
+
+    async def refresh(self, token: str) -> dict[str, Any]:
+        """Replace the connection's token in place (``refreshed`` with the new exp)."""
+        return await self.request({"t": "refresh", "token": token})
 
     async def next_event(self, timeout: float = 5.0) -> dict[str, Any]:
         return await asyncio.wait_for(self.events.get(), timeout)

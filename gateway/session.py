@@ -6,10 +6,7 @@ updates, the hold-back of diffs during a join, errors and abuse closes) lives in
 WebSocket, feeds them to that core and executes the effects it returns against the node
 (:class:`gateway.ports.NodeServices`) and the socket.
 
-Every frame to the client (replies, diffs, churn events) is written without waiting
-(``websockets.broadcast``), so a client that does not read never blocks the node; its
-unsent buffer is checked against ``max_buffer`` and the connection closed with 1008
-when it passes it.
+Writing to the client, bounded and without waiting, is :class:`gateway.outbound.Outbound`.
 """
 
 from __future__ import annotations
@@ -20,17 +17,16 @@ import functools
 import random
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import structlog
-from websockets.asyncio.connection import broadcast
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import bearer_token
+from gateway.outbound import CLOSE_TIMEOUT, Outbound
 from gateway.ports import BackendError, NodeServices, now_ms
 from presence import connection as pc
-from presence.codec import Format, encode
+from presence.codec import Format
 from presence.connection import Connection, Effect
 from presence.errors import (
     CloseCode,
@@ -45,31 +41,22 @@ from presence.meta import Meta
 
 log = structlog.get_logger("presence.session")
 
-CLOSE_TIMEOUT = 2.0
-"""Seconds a server-initiated close may take before the TCP connection is cut."""
 
 
-class Session:
+class Session(Outbound):
     """The server side of one WebSocket connection."""
 
-    __slots__ = (
-        "_done", "_finished", "close_reason", "closing", "conn", "core", "fmt",
-        "node", "registered", "settings", "user", "ws",
-    )
+    __slots__ = ("_done", "_expiry", "_finished", "registered", "user")
 
     def __init__(self, ws: ServerConnection, node: NodeServices, fmt: Format) -> None:
-        self.ws = ws
-        self.node = node
-        self.fmt = fmt
-        self.settings = node.settings
-        self.conn = node.new_conn_id()
-        self.core = Connection(self.conn, self.settings.quotas, time.monotonic())
+        conn = node.new_conn_id()
+        super().__init__(ws, node, fmt, conn,
+                         Connection(conn, node.settings.quotas, time.monotonic()))
         self.user = ""
-        self.closing = False
         self.registered = False
-        self.close_reason = ""
         self._finished: asyncio.Event | None = None
         self._done = False
+        self._expiry: asyncio.TimerHandle | None = None
 
     @property
     def metas(self) -> Mapping[str, Meta]:
@@ -83,60 +70,6 @@ class Session:
             if self._done:
                 self._finished.set()
         return self._finished
-
-    # -- writing (the hub's Member protocol) --------------------------------------------
-    def write_frame(self, data: str | bytes, ch: str | None = None) -> None:
-        if self.closing or self.core.hold(ch, data):
-            return
-        broadcast([self.ws], data)
-        if self.buffered() > self.settings.transport.max_buffer:
-            self.slow_consumer()
-
-    def direct(self, ch: str) -> ServerConnection | None:
-        if self.closing or ch in self.core.backlog:
-            return None
-        return self.ws
-
-    def buffered(self) -> int:
-        transport = self.ws.transport
-        return 0 if transport is None else transport.get_write_buffer_size()
-
-    def slow_consumer(self) -> None:
-        if self.closing:
-            return
-        self.node.metrics.slow_consumers.inc()
-        self.close_soon(CloseCode.POLICY_VIOLATION, "slow consumer: unsent buffer too large")
-
-    def send(self, frame: dict[str, Any]) -> None:
-        data = encode(frame, self.fmt)
-        self.write_frame(data)
-        self.node.count_out(1, len(data))
-
-    def close_soon(self, code: int, reason: str) -> None:
-        """Stop writing and close in the background (never blocks the caller)."""
-        if self.closing:
-            return
-        self._closing(code, reason)
-        self.node.background(self._close(code, reason))
-
-    def _closing(self, code: int, reason: str) -> None:
-        self.closing = True
-        self.core.closed = True
-        self.close_reason = reason
-        self.node.metrics.count_close(code)
-
-    async def _close(self, code: int, reason: str) -> None:
-        # websockets' close() drains the write buffer first, with no deadline: a client
-        # that stopped reading would keep the connection (and its buffer) forever.
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self.ws.close(code, reason)
-        except Exception:
-            self.abort()
-
-    def abort(self) -> None:
-        if self.ws.transport is not None:
-            self.ws.transport.abort()
 
     # -- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
@@ -208,12 +141,31 @@ class Session:
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self.ws.wait_closed()
             return False
+        self._arm_expiry()
         self.node.engagement_opened(self.user)  # engagement: a session, online now
         log.info("connection_open", conn=self.conn, user=self.user, role=claims.role,
                  format=self.fmt.value)
         return True
 
+    def _arm_expiry(self) -> None:
+        """Close with 4001 when the token expires (exp plus ``token_leeway``)."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        deadline = self.core.expires_ms(self.settings.lifetime.token_leeway)
+        if deadline is not None:
+            delay = max(0.0, (deadline - now_ms()) / 1000)
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        effects = self.core.expired(now_ms(), self.settings.lifetime.token_leeway)
+        if effects:
+            self.node.background(self._execute(effects))
+        elif not self.closing:  # the clock ran early: look again
+            self._arm_expiry()
+
     async def _cleanup(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         node = self.node
         was_member = self.registered
         if self.registered:
@@ -287,6 +239,11 @@ class Session:
         elif isinstance(effect, pc.QueryUsers):
             users = await node.query_users(effect.users)
             self.send({"t": "result", "ref": effect.ref, "users": users})
+        elif isinstance(effect, pc.Verify):
+            claims = node.auth.verify(effect.token)
+            more = self.core.refreshed(claims, effect.ref)
+            self._arm_expiry()
+            return more
         elif isinstance(effect, pc.DeviceUsed):  # engagement: devices used
             node.engagement_device(self.user, effect.device)
         return None

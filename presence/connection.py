@@ -17,6 +17,9 @@ Executing the effects of one call:
 
 * effects run in the order given; :class:`Enter`, :class:`Snapshot`,
   :class:`PutMetas`, :class:`Exit` and :class:`QueryUsers` touch the backends;
+* after :class:`Verify` (a ``refresh``) it calls :meth:`Connection.refreshed` with the
+  new token's grants, and the token's deadline moves (:meth:`Connection.expires_ms`,
+  :meth:`Connection.expired` when the timer fires);
 * after :class:`Enter` succeeds the executor calls :meth:`Connection.entered`; after
   :class:`Snapshot` it calls :meth:`Connection.snapshot_ready` with the body it read
   and executes the effects returned (the ``joined`` reply, then the diffs held back);
@@ -49,7 +52,17 @@ from presence.errors import (
     RateLimited,
     Unauthorized,
 )
-from presence.frames import Hello, Join, Leave, Ping, Query, Update, parse_ref, parse_request
+from presence.frames import (
+    Hello,
+    Join,
+    Leave,
+    Ping,
+    Query,
+    Refresh,
+    Update,
+    parse_ref,
+    parse_request,
+)
 from presence.meta import Meta, MetaPatch, new_meta
 from presence.ratelimit import SlidingWindow, TokenBucket
 from presence.settings import QuotaSettings
@@ -69,6 +82,8 @@ class Grants(Protocol):
     def role(self) -> str: ...
     @property
     def tier(self) -> str: ...
+    @property
+    def exp(self) -> int: ...
     @property
     def may_read_churn(self) -> bool: ...
 
@@ -155,6 +170,16 @@ class QueryUsers:
 
 
 @dataclass(frozen=True, slots=True)
+class Verify:
+    """Check ``token`` (a ``refresh``) and pass its grants to
+    :meth:`Connection.refreshed`; a token that does not verify fails the effect with
+    :class:`~presence.errors.Unauthorized`."""
+
+    token: str
+    ref: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceUsed:
     """Engagement signal: the client named ``device`` in a join or an update."""
 
@@ -162,7 +187,7 @@ class DeviceUsed:
 
 
 Effect = (Send | Deliver | Fail | Close | Enter | Snapshot | Exit | PutMetas | QueryUsers
-          | DeviceUsed)
+          | Verify | DeviceUsed)
 
 
 def num(value: float) -> int | float:
@@ -237,6 +262,7 @@ class Connection:
             "t": "welcome", "conn": self.conn, "user": self.user, "node": node,
             "ping_interval": num(ping_interval),
             "limits": {"max_channels": self.max_channels(), "max_frame": max_frame},
+            "exp": 0 if self.grants is None else self.grants.exp,
         }
         if ref is not None:
             frame["ref"] = ref
@@ -283,6 +309,8 @@ class Connection:
             if not self.grants.may_read_churn:  # the query roles are the churn roles
                 raise Forbidden(f"role {self.grants.role} may not query")
             return [QueryUsers(request.users, request.ref)]
+        if isinstance(request, Refresh):
+            return [Verify(request.token, request.ref)]
         raise BadRequest("already authenticated: hello is only the first frame", field="t")
 
     def _join(self, req: Join, now: float, ms: int) -> list[Effect]:
@@ -355,10 +383,50 @@ class Connection:
         device = [DeviceUsed(patch.device)] if patch.device is not None else []
         return [PutMetas(changed, before, patch_before), Send({"t": "ok", "ref": req.ref}), *device]
 
+    # -- token lifetime ----------------------------------------------------------------
+    def refreshed(self, grants: Grants, ref: int | None) -> list[Effect]:
+        """:class:`Verify` succeeded: the newest token's grants, role and tier replace
+        the old ones; a channel they no longer grant is left (``left`` with ``ref``
+        null, the others see the leave at once). A token of another user is refused
+        (``forbidden``) and the connection keeps its current token."""
+        assert self.grants is not None
+        if grants.user != self.grants.user:
+            return [Fail(Forbidden("the new token names another user"), ref)]
+        self.grants = grants
+        effects: list[Effect] = []
+        for ch in self.joined_channels():
+            if not self._granted(ch):
+                effects += self._leave(Leave(None, ch))
+        return [*effects, Send({"t": "refreshed", "ref": ref, "exp": grants.exp})]
+
+    def _granted(self, ch: str) -> bool:
+        assert self.grants is not None
+        if is_churn(ch) and not self.grants.may_read_churn:
+            return False
+        return channel_allowed(ch, self.grants.channels)
+
+    def expires_ms(self, leeway: float) -> int | None:
+        """When the connection is closed for its token (``exp`` plus ``leeway``
+        seconds), in the server clock's ms; None before authentication."""
+        if self.grants is None:
+            return None
+        return int((self.grants.exp + leeway) * 1000)
+
+    def expired(self, ms: int, leeway: float) -> list[Effect]:
+        """The expiry timer fired at ``ms``: 4001 "token expired" (a clean end) unless
+        a refresh moved the deadline past ``ms``."""
+        deadline = self.expires_ms(leeway)
+        if self.closed or deadline is None or ms < deadline:
+            return []
+        return self._close(CloseCode.UNAUTHORIZED, "token expired")
+
     # -- outcomes --------------------------------------------------------------------
     def failed(self, effect: Effect, error: PresenceError, now: float) -> list[Effect]:
         """``effect`` of the request being handled failed with ``error``: the error
         reply, and the request undone as far as the client can tell."""
+        if isinstance(effect, Verify):
+            # A refresh whose token does not verify: the connection keeps its token.
+            error = Forbidden(f"refresh refused: {error.message}")
         if isinstance(effect, Enter | Snapshot):
             # Nothing may pile up behind a joined reply that will not come. A failed
             # snapshot leaves the membership standing: a retried join answers it.

@@ -55,7 +55,13 @@ class Ping:
     ref: int | None
 
 
-Request = Hello | Join | Leave | Update | Query | Ping
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    ref: int | None
+    token: str
+
+
+Request = Hello | Join | Leave | Update | Query | Ping | Refresh
 
 
 def parse_ref(frame: dict[str, Any]) -> int | None:
@@ -131,6 +137,11 @@ def parse_request(frame: dict[str, Any]) -> Request:
         return Ping(ref)
     if t == "query":
         return Query(ref, validate_user_ids(frame.get("users"), "users", MAX_QUERY_USERS))
+    if t == "refresh":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token:
+            raise BadRequest("refresh must carry a token string", field="token")
+        return Refresh(ref, check_identifier(token, "token"))
     if t == "hello":
         token = frame.get("token")
         if token is not None and not isinstance(token, str):

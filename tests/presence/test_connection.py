@@ -33,6 +33,7 @@ from presence.connection import (
     QueryUsers,
     Send,
     Snapshot,
+    Verify,
 )
 from presence.errors import CloseCode, Overloaded, Unauthorized
 from presence.meta import Meta, new_meta
@@ -52,9 +53,13 @@ class Grants:
     role: str = "csm"
     tier: str = "free"
 
+    exp: int = 2_000_000_000
+
     @property
     def may_read_churn(self) -> bool:
         return self.role in {"csm", "admin", "service"}
+
+
 
 
 def frame(**fields: Any) -> str:
@@ -271,7 +276,8 @@ def test_user_connection_limit_welcome_or_close() -> None:
     assert welcome.frame == {"t": "welcome", "conn": "c1", "user": "u1", "node": "n1",
                              "ping_interval": 20, "ref": 7,
                              "limits": {"max_channels": QUOTAS.max_channels_paid,
-                                        "max_frame": 4096}}
+                                        "max_frame": 4096},
+                             "exp": 2_000_000_000}
     fail, close = core.registered(QUOTAS.max_user_connections + 1, 7, "n1", 20.0, 4096)
     assert isinstance(fail, Fail) and fail.error.code == "limit_exceeded" and fail.ref == 7
     assert close == Close(CloseCode.POLICY_VIOLATION, "too many connections for this user")
@@ -286,3 +292,24 @@ def test_drain_removes_every_meta_then_closes_1012() -> None:
     assert effects == [Exit("team:a", True, False), Exit("team:b", True, True),
                        Close(CloseCode.SERVICE_RESTART, "server restarting; reconnect in 2.5s")]
     assert core.metas == {}
+
+
+def test_refresh_keeps_the_user_replaces_grants_and_moves_the_deadline() -> None:
+    core = Connection("c1", QUOTAS, 0.0)
+    core.authenticated(Grants(exp=100), lambda: SlidingWindow(100, 60.0))
+    core.entered("team:a", new_meta("c1", None, 0))
+    core.entered("churn:acme", None)
+    (verify,) = core.receive(frame(t="refresh", ref=2, token="t"), Format.JSON, 0.0, 0)
+    assert verify == Verify("t", 2)
+    other = core.refreshed(Grants(user="u2", exp=500), 2)
+    assert [type(e) for e in other] == [Fail] and other[0].error.code == "forbidden"
+    assert core.expires_ms(5.0) == 105_000  # kept the first token
+    effects = core.refreshed(Grants(channels=("team:*",), role="member", exp=500), 2)
+    assert effects == [Exit("churn:acme", False, False),
+                       Send({"t": "left", "ref": None, "ch": "churn:acme"}),
+                       Send({"t": "refreshed", "ref": 2, "exp": 500})]
+    assert core.expired(104_999, 5.0) == []
+    assert core.expired(505_000, 5.0) == [Close(CloseCode.UNAUTHORIZED, "token expired")]
+    failed = core.failed(verify, Unauthorized("invalid token"), 0.0)
+    assert failed[0] == Fail(failed[0].error, 2)  # type: ignore[union-attr]
+    assert failed[0].error.code == "forbidden"  # type: ignore[union-attr]
