@@ -288,6 +288,11 @@ export class PresenceClient {
    * @param {number} [opts.restartJitter] delay bound after a 1012 close, ms (default 5000)
    * @param {number} [opts.overloadedDelay] least delay after a 1013 close, ms (default 10000)
    * @param {number} [opts.requestTimeout] ms before a request's promise rejects (default 10000)
+   * @param {Function} [opts.getToken]   async () => JWT: called to refresh the token before
+   *                                     its exp (and after a 4001); a falsy result means none
+   * @param {number} [opts.refreshAt]    fraction of the token's remaining life after which
+   *                                     it is refreshed (default 0.8)
+   * @param {boolean} [opts.resume]      resume after a lost connection (default true)
    * @param {Function} [opts.WebSocket]  WebSocket constructor (default: the global one)
    */
   constructor(opts) {
@@ -306,6 +311,9 @@ export class PresenceClient {
     this.restartJitter = o.restartJitter ?? 5000;
     this.overloadedDelay = o.overloadedDelay ?? 10000;
     this.requestTimeout = o.requestTimeout ?? 10000;
+    this.getToken = typeof o.getToken === "function" ? o.getToken : null;
+    this.refreshAt = o.refreshAt ?? 0.8;
+    this.resume = o.resume !== false;
     this._WS = o.WebSocket || globalThis.WebSocket;
     this.status = "idle"; // idle | connecting | connected | reconnecting | closed
     this.welcome = null;
@@ -324,6 +332,18 @@ export class PresenceClient {
     this._stopped = false;
     this._chosenStatus = null; // the status the user last set (join meta or update)
     this._autoAway = null;
+    // Resume (PROTOCOL.md "Resume"): the token of the last welcome, the conn it resumes,
+    // and the channels whose snapshots (joined, ref null) came on this connection.
+    this._resumeToken = null;
+    this._resumeConn = null;
+    this._snapshots = new Set();
+    this._onSnapshot = null;
+    this._lostInfo = null; // {code, reason} of the close that led to this reconnection
+    this._refreshTimer = null;
+    this._tokenRetried = false; // one fresh token after a 4001, then give up
+    this._needToken = false; // fetch a token with getToken() before the next hello
+    this._refreshPoint = null; // ms: when the current token is due for refresh
+    this.exp = null; // the token's exp (s), from welcome / refreshed
     this._onOnline = () => {
       if (this.status === "reconnecting") this._reconnectNow();
     };
@@ -341,6 +361,10 @@ export class PresenceClient {
    *   on("status", (status, info) => ...)
    *   on("welcome", (welcome) => ...)  on("error", (err) => ...)
    *   on("autoaway", (reason) => ...)   reason: "hidden", "idle", or null when back
+   *   on("reconnect", (info) => ...)   info: {resumed, code, reason, conn}, once the channels
+   *                                     are resumed or rejoined
+   *   on("left", (ch) => ...)           the server left a channel (a refresh took it away)
+   *   on("refreshed", (exp) => ...)     the token was refreshed; its new exp (s)
    */
   on(event, chOrFn, maybeFn) {
     const ch = typeof chOrFn === "function" ? null : chOrFn;
@@ -396,6 +420,10 @@ export class PresenceClient {
   close() {
     this._stopped = true;
     clearTimeout(this._timer);
+    clearTimeout(this._refreshTimer);
+    this._resumeToken = null;
+    this._resumeConn = null;
+    this._lostInfo = null;
     this._stopPing();
     if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
     if (this._autoAway) this._autoAway.stop();
@@ -419,6 +447,20 @@ export class PresenceClient {
   _open(status) {
     clearTimeout(this._timer);
     this._setStatus(status);
+    if (this._needToken) {
+      // Past the refresh point (or refused with 4001): a fresh token for this hello.
+      this._needToken = false;
+      this._fetchToken().then(
+        (token) => {
+          if (token) this.token = token;
+          if (!this._stopped && !this._ws) this._open(status);
+        },
+        () => {
+          if (!this._stopped && !this._ws) this._open(status);
+        },
+      );
+      return;
+    }
     if (this.format === "msgpack" && !this._codec) {
       loadMsgpack().then(
         (codec) => {
@@ -443,7 +485,10 @@ export class PresenceClient {
     ws.binaryType = "arraybuffer";
     ws.onopen = () => {
       this.wire = ws.protocol === SUBPROTOCOL_MSGPACK ? "msgpack" : "json";
-      this._send({ t: "hello", token: this.token });
+      this._snapshots = new Set();
+      const hello = { t: "hello", token: this.token };
+      if (this._resumeToken) hello.resume = this._resumeToken;
+      this._send(hello);
     };
     ws.onmessage = (ev) => this._onMessage(ev.data);
     ws.onerror = () => {}; // followed by onclose, which decides
@@ -457,10 +502,21 @@ export class PresenceClient {
     this.lastClose = { code, reason };
     this._failPending(new PresenceError("disconnected", `connection closed (${code})`));
     if (this._stopped) return;
+    clearTimeout(this._refreshTimer);
+    if (code === 4001 && this.getToken && this.reconnect && !this._tokenRetried) {
+      // Expired or refused: one more try with a token from getToken().
+      this._tokenRetried = true;
+      this._needToken = true;
+      this._lostInfo = { code, reason };
+      this._schedule(0, { code, reason });
+      return;
+    }
     if (FATAL_CODES.has(code) || !this.reconnect) {
       this._fatal({ code, reason });
       return;
     }
+    if (this._refreshDue()) this._needToken = true;
+    if (!this._lostInfo) this._lostInfo = { code, reason };
     this._schedule(this._delayFor(code, reason), { code, reason });
   }
 
@@ -526,6 +582,18 @@ export class PresenceClient {
       case "churn":
         this._onChurn(f);
         return;
+      case "joined":
+        if (f.ref == null) {
+          this._onResumedSnapshot(f);
+          return;
+        }
+        break;
+      case "left":
+        if (f.ref == null) {
+          this._onServerLeft(f.ch);
+          return;
+        }
+        break;
       default:
         break;
     }
@@ -541,15 +609,169 @@ export class PresenceClient {
   }
 
   _onWelcome(f) {
+    const resumed = f.resumed === true && this._resumeConn !== null && f.conn === this._resumeConn;
     this.welcome = f;
     this._attempt = 0;
-    this._setStatus("connected", { welcome: f });
+    this._tokenRetried = false;
+    this._resumeToken = this.resume && f.resume_ttl !== 0 && typeof f.resume === "string" ? f.resume : null;
+    this._resumeConn = this._resumeToken ? f.conn : null;
+    this._planRefresh(f.exp);
+    this._setStatus("connected", { welcome: f, resumed });
     this._emit("welcome", null, f);
     this._startPing((f.ping_interval || 20) * 1000);
     const waiters = this._readyWaiters;
     this._readyWaiters = [];
     for (const w of waiters) w.resolve(f);
-    this._rejoin();
+    const lost = this._lostInfo;
+    this._lostInfo = null;
+    const settled = resumed ? this._settleResumed() : this._rejoin();
+    if (lost) {
+      settled.then(() => {
+        if (this.welcome === f) this._emit("reconnect", null, { resumed, conn: f.conn, ...lost });
+      });
+    }
+  }
+
+  /** A snapshot a resume sends (joined, ref null): replace what was missed. */
+  _onResumedSnapshot(f) {
+    this._snapshots.add(f.ch);
+    if (this._channels.has(f.ch)) this._applySnapshot(f.ch, f);
+    if (this._onSnapshot) this._onSnapshot();
+  }
+
+  /** The server left a channel for us (a refresh took its grant away): forget it. */
+  _onServerLeft(ch) {
+    this._channels.delete(ch);
+    this.mirrors.delete(ch);
+    this.churn.delete(ch);
+    this._emit("left", ch, ch);
+  }
+
+  /**
+   * After `resumed: true`: the server sends one snapshot per channel still held, before
+   * it reads the next request, so a ping's reply means they have all come (a short grace
+   * covers a server that sends them later). Then a channel joined while the connection
+   * was being lost is joined, one left meanwhile is left, and if this connection's meta
+   * differs from what the user last set (an update lost on the way), one update sends it.
+   */
+  async _settleResumed() {
+    const want = () => [...this._channels.keys()];
+    const all = () => want().every((ch) => this._snapshots.has(ch));
+    const arrived = new Promise((resolve) => {
+      this._onSnapshot = () => {
+        if (all()) resolve();
+      };
+      if (all()) resolve();
+    });
+    try {
+      await Promise.race([arrived, this.ping()]);
+      if (!all()) await Promise.race([arrived, new Promise((r) => setTimeout(r, 1000))]);
+    } catch (err) {
+      if (err.code === "disconnected") return; // lost again: the next welcome settles
+    } finally {
+      this._onSnapshot = null;
+    }
+    for (const ch of this._snapshots) {
+      if (!this._channels.has(ch)) this.request({ t: "leave", ch }).catch(() => {});
+    }
+    for (const [ch, entry] of this._channels) {
+      if (this._snapshots.has(ch)) {
+        entry.joined = true;
+        continue;
+      }
+      try {
+        await this._joinNow(ch, entry.meta);
+        entry.joined = true;
+      } catch (err) {
+        if (err.code === "disconnected") return;
+        this._dropChannel(ch, err);
+      }
+    }
+    this._restoreMeta();
+  }
+
+  _restoreMeta() {
+    const me = this.welcome;
+    const patch = {};
+    for (const [ch, entry] of this._channels) {
+      const cur = this.mirrors.get(ch)?.users.get(me.user)?.get(me.conn);
+      if (!cur || !entry.meta) continue;
+      for (const key of ["status", "device", "note"]) {
+        if (entry.meta[key] !== undefined && entry.meta[key] !== cur[key]) patch[key] = entry.meta[key];
+      }
+    }
+    if (Object.keys(patch).length) this._update(patch).catch(() => {});
+  }
+
+  _dropChannel(ch, err) {
+    this._channels.delete(ch);
+    this.mirrors.delete(ch);
+    this.churn.delete(ch);
+    this._emit("error", ch, err);
+  }
+
+  // -- token refresh --------------------------------------------------------------------
+
+  /**
+   * Arm the refresh timer for a token expiring at `exp` (s): after `refreshAt` of its
+   * remaining life, at least a second away unless it expires sooner.
+   */
+  _planRefresh(exp) {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+    this.exp = typeof exp === "number" ? exp : null;
+    this._refreshPoint = null;
+    if (this.exp === null || !this.getToken) return;
+    const remaining = Math.max(0, this.exp * 1000 - Date.now());
+    const delay = Math.max(this.refreshAt * remaining, Math.min(remaining, 1000));
+    this._refreshPoint = Date.now() + delay;
+    this._refreshTimer = setTimeout(() => this._autoRefresh(), delay);
+  }
+
+  _refreshDue() {
+    return this._refreshPoint != null && Date.now() >= this._refreshPoint;
+  }
+
+  async _fetchToken() {
+    return this.getToken ? await this.getToken() : null;
+  }
+
+  async _autoRefresh() {
+    this._refreshTimer = null;
+    let token;
+    try {
+      token = await this._fetchToken();
+    } catch (err) {
+      this._emit("error", null, new PresenceError("token", `getToken failed: ${err.message || err}`));
+      token = null;
+    }
+    if (!token) {
+      // No token now: ask again later (halfway to exp), unless the token is gone.
+      const left = this.exp === null ? 0 : this.exp * 1000 - Date.now();
+      if (left > 2000) this._refreshTimer = setTimeout(() => this._autoRefresh(), left / 2);
+      return;
+    }
+    try {
+      await this.refresh(token);
+    } catch (err) {
+      if (err.code === "disconnected" || this._stopped) return; // the next welcome plans again
+      this._emit("error", null, err);
+      const left = this.exp === null ? 0 : this.exp * 1000 - Date.now();
+      if (left > 2000) this._refreshTimer = setTimeout(() => this._autoRefresh(), Math.min(5000, left / 2));
+    }
+  }
+
+  /**
+   * Replace the connection's token in place (`refresh`); resolves with the `refreshed`
+   * frame. The new token is also used by later hellos. Rejects with `forbidden` when the
+   * server refuses it (the connection keeps its current token).
+   */
+  async refresh(token) {
+    const reply = await this.request({ t: "refresh", token });
+    this.token = token;
+    this._planRefresh(reply.exp);
+    this._emit("refreshed", null, reply.exp);
+    return reply;
   }
 
   async _rejoin() {
@@ -559,10 +781,7 @@ export class PresenceClient {
         await this._joinNow(ch, entry.meta);
       } catch (err) {
         if (err.code === "disconnected") return; // the next welcome retries
-        this._channels.delete(ch);
-        this.mirrors.delete(ch);
-        this.churn.delete(ch);
-        this._emit("error", ch, err);
+        this._dropChannel(ch, err);
       }
     }
   }
@@ -673,6 +892,11 @@ export class PresenceClient {
     const frame = { t: "join", ch };
     if (meta) frame.meta = meta;
     const reply = await this.request(frame);
+    this._applySnapshot(ch, reply);
+    return reply;
+  }
+
+  _applySnapshot(ch, reply) {
     if (Array.isArray(reply.churn)) {
       const m = this.churn.get(ch) || new ChurnMirror(ch);
       m.applySnapshot(reply.churn);
@@ -682,9 +906,8 @@ export class PresenceClient {
       const m = this.mirrors.get(ch) || new ChannelMirror(ch);
       m.applySnapshot(reply.presence);
       this.mirrors.set(ch, m);
-      this._emit("presence", ch, m.view(), ch, { snapshot: true });
+      this._emit("presence", ch, m.view(), ch, { snapshot: true, resumed: reply.ref == null });
     }
-    return reply;
   }
 
   async leave(ch) {

@@ -4,6 +4,12 @@
 //   #token=JWT&ws=ws://host:8765/ws&admin=http://host:9090&team=team:w1&org=acme
 // or from the settings form. Auto-away is on: `idle=<seconds>` (default 300) sets the idle
 // time, `autoaway=0` turns it off, `format=msgpack` speaks the msgpack subprotocol. The token never leaves the page except to the gateway.
+//
+// A lost connection resumes on its own (the client keeps the resume token). The token is
+// refreshed in place before it expires when the page is given a new one: either a new
+// `#token=` in the fragment (only the token changed), or a provider set from outside,
+// `window.presenceDashboard.tokenProvider = async () => jwt`, which the client calls at
+// 80 % of the token's remaining life (see docs/client.md, "The dashboard").
 
 import { PresenceClient, overallStatus } from "/static/client.js";
 
@@ -373,9 +379,46 @@ function onStatus(status, info) {
   const pill = $("conn");
   pill.dataset.state = status;
   pill.textContent = STATUS_TEXT[status] || status;
+  pill.dataset.resumed = status === "connected" && info && info.resumed ? "true" : "false";
   if (status === "closed" && info && info.code === 4001) {
-    pill.textContent = "token refused";
+    pill.textContent = info.reason === "token expired" ? "token expired" : "token refused";
     showSettings(true);
+  }
+}
+
+/** The token for a refresh: from the provider set on window.presenceDashboard, if any. */
+async function provideToken() {
+  const provider = window.presenceDashboard && window.presenceDashboard.tokenProvider;
+  if (typeof provider !== "function") return null;
+  const token = await provider();
+  if (token) useToken(token);
+  return token || null;
+}
+
+/** Keep a new token for the page (form, admin API calls, claims shown). */
+function useToken(token) {
+  state.cfg = { ...state.cfg, token };
+  state.claims = decodeClaims(token);
+  $("f-token").value = token;
+}
+
+/** A new `#token=` in the fragment, nothing else changed: refresh in place. */
+async function onHashChange() {
+  const cfg = readFragment();
+  const cur = { ...defaults(), ...state.cfg };
+  const others = ["ws", "admin", "team", "org", "idle", "autoaway", "format"];
+  if (!cfg.token || cfg.token === cur.token || others.some((k) => cfg[k] !== cur[k])) return;
+  useToken(cfg.token);
+  const client = state.client;
+  if (!client || client.status === "closed" || client.status === "idle") {
+    start(state.cfg);
+    return;
+  }
+  try {
+    await client.refresh(cfg.token);
+  } catch (err) {
+    if (err.code === "disconnected") client.setToken(cfg.token); // the next hello uses it
+    else setMsg("team-msg", `The new token was refused: ${err.message}`, true);
   }
 }
 
@@ -405,6 +448,7 @@ async function start(cfg) {
   const client = new PresenceClient({
     url: cfg.ws, token: cfg.token, format: cfg.format === "msgpack" ? "msgpack" : "json",
     autoAway: autoAwayOptions(cfg),
+    getToken: provideToken,
   });
   state.client = client;
   client.on("status", onStatus);
@@ -479,6 +523,9 @@ function init() {
     });
   }
   $("my-note").addEventListener("change", (ev) => setMyMeta({ note: ev.target.value.slice(0, 128) }));
+  window.addEventListener("hashchange", () => {
+    onHashChange();
+  });
   renderMe();
   // Relative times ("3 min ago") age: refresh them now and then.
   setInterval(() => {
@@ -488,5 +535,7 @@ function init() {
 }
 
 // Exposed for debugging in the console and for tests.
-window.presenceDashboard = { state, overallStatus };
+// `tokenProvider` (async () => jwt) may be set by a host page or an extension that can
+// get fresh tokens; the client calls it before the token expires.
+window.presenceDashboard = { state, overallStatus, tokenProvider: null };
 init();
