@@ -10,7 +10,14 @@ channels it lost:
 * all of them when the connection fails (``ConnectionError``, a read timeout, or no
   ``pong`` to an idle-time PING within ``pong_timeout``: a frozen master);
 * one channel when the server pushes a ``sunsubscribe`` nobody asked for (its slot
-  moved, e.g. after a graceful failover).
+  moved, e.g. after a graceful failover);
+* all of them when the reader ends for any other reason (a bug in a callback, an
+  unexpected reply): the reader never stops silently while its channels look held.
+
+SSUBSCRIBE takes channels of one slot per command (CROSSSLOT otherwise), so a batch is
+sent as one command per slot. The replies to our own SUNSUBSCRIBEs are counted per
+channel: a re-subscribe sent before such a reply has been read does not turn that
+reply into a "server push".
 
 The library's own health checks are off on this connection on purpose: they would read
 from the socket from the caller's task while the reader task reads too. Liveness is the
@@ -30,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from cluster import keys
 from cluster.base import BackendUnavailable
 from cluster.redis_conn import Addr, guarded
 
@@ -71,7 +79,8 @@ class NodeSubscriber:
         )
         self._pubsub: PubSub = self._client.pubsub(ignore_subscribe_messages=False)
         self._acks: dict[str, asyncio.Future[None]] = {}
-        self._unsubscribing: set[str] = set()
+        self._unsubscribing: dict[str, int] = {}
+        """Channel -> our SUNSUBSCRIBE commands whose reply has not been read yet."""
         self._reader: asyncio.Task[None] | None = None
 
     async def subscribe(self, channels: Iterable[str]) -> None:
@@ -88,14 +97,17 @@ class NodeSubscriber:
         loop = asyncio.get_running_loop()
         waits = []
         for c in new:
-            self._unsubscribing.discard(c)
             fut = self._acks.get(c)
             if fut is None or fut.done():
                 fut = self._acks[c] = loop.create_future()
             waits.append(fut)
         self.channels.update(new)
+        by_slot: dict[int, list[str]] = {}
+        for c in new:
+            by_slot.setdefault(keys.slot(c), []).append(c)
         try:
-            await guarded(self._pubsub.ssubscribe(*new), self._ack_timeout)
+            for group in by_slot.values():
+                await guarded(self._pubsub.ssubscribe(*group), self._ack_timeout)
         except BackendUnavailable as exc:
             self._fail(exc)  # the command could not be written: the connection is gone
             raise
@@ -122,13 +134,17 @@ class NodeSubscriber:
             self.channels.difference_update(gone)
             return
         self.channels.difference_update(gone)
-        self._unsubscribing.update(gone)
         for c in gone:
+            self._unsubscribing[c] = self._unsubscribing.get(c, 0) + 1
             fut = self._acks.pop(c, None)
             if fut is not None and not fut.done():
                 fut.cancel()
+        by_slot: dict[int, list[str]] = {}
+        for c in gone:
+            by_slot.setdefault(keys.slot(c), []).append(c)
         try:
-            await guarded(self._pubsub.sunsubscribe(*gone), self._ack_timeout)
+            for group in by_slot.values():
+                await guarded(self._pubsub.sunsubscribe(*group), self._ack_timeout)
         except BackendUnavailable as exc:
             self._fail(exc)
 
@@ -150,9 +166,15 @@ class NodeSubscriber:
                 last_rx, ping_at = now, None
                 self._handle(msg)
         except asyncio.CancelledError:
+            self._fail(ConnectionError("reader cancelled"))  # a no-op after close()
             raise
-        except (RedisError, OSError, TimeoutError, RuntimeError) as exc:
+        except Exception as exc:
+            # Whatever it was (connection, protocol, a callback's bug), the channels are
+            # no longer read: report them, so the broker re-subscribes and repairs.
             self._fail(exc)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
 
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
@@ -166,8 +188,13 @@ class NodeSubscriber:
                 fut.set_result(None)
         elif kind == "sunsubscribe":
             channel = _str(msg["channel"])
-            if channel in self._unsubscribing:
-                self._unsubscribing.discard(channel)
+            pending = self._unsubscribing.get(channel, 0)
+            if pending:
+                # The reply to one of ours (replies come in command order).
+                if pending == 1:
+                    del self._unsubscribing[channel]
+                else:
+                    self._unsubscribing[channel] = pending - 1
             elif channel in self.channels:
                 # Pushed by the server: the slot moved away from this master.
                 self.channels.discard(channel)
@@ -193,7 +220,8 @@ class NodeSubscriber:
         reader, self._reader = self._reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            # Whatever ended the reader has been reported as lost channels already.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             pubsub: Any = self._pubsub  # redis-py leaves PubSub.aclose untyped
