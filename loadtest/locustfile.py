@@ -14,7 +14,12 @@ seconds and, rarely, a reconnect. A gevent greenlet per user reads frames.
 Recorded in Locust's tables and CSV (``events.request.fire``):
 
 - ``WS connect``: connect + hello + welcome + join -> joined, in ms;
-- ``WS reconnect`` / ``WS storm reconnect``: the same for reconnects;
+- ``WS reconnect`` / ``WS storm reconnect``: the same for reconnects (a storm reconnect
+  that resumes has no join: connect + hello + welcome + the resume's ``joined``);
+- ``RESUME resumed`` / ``RESUME not resumed``: in the ``storm`` scenario, whether the
+  server took the resume token (PROTOCOL.md "Resume"), with the time from the drop to
+  the channel being back (resumed: its snapshot; not resumed: the fresh join's reply).
+  Not resumed is not a failure (a server with resume off answers so), only counted;
 - ``DIFF propagation``: receipt time minus the diff's ``ts`` (ms), for every diff
   received (the gateway and the load generator share the clock here). Samples are
   buffered and fired in batches by one greenlet per process, every 0.5 s, so the
@@ -27,7 +32,8 @@ Scenarios (``--scenario``):
 - ``season``: June, 3x the update rate of ``steady`` (``--season-multiplier``);
 - ``surge``: the 5-8 pm surge: ``-u`` users, then twice as many ramped in (LoadTestShape);
 - ``storm``: every ``--storm-every`` s all users of a process drop their connections at
-  once and reconnect immediately.
+  once (no close frame: a network loss, which the server holds for ``resume_ttl``) and
+  reconnect immediately, each with the resume token of its last ``welcome``.
 """
 
 from __future__ import annotations
@@ -152,6 +158,8 @@ class PresenceUser(User):
         self.storm_pending = False
         self.closing = False
         self.n = 0
+        self.resume: str | None = None  # the resume token of the last welcome
+        self.dropped_at = 0.0
 
     def wait_time(self) -> float:
         return random.uniform(3.0, 7.0) / self.rate_mult
@@ -162,22 +170,34 @@ class PresenceUser(User):
         return jwt.encode({"sub": self.user, "channels": [self.channel], "role": "member",
                            "iat": now, "exp": now + 3600}, self.secret, algorithm="HS256")
 
-    def connect(self, name: str) -> bool:
+    def connect(self, name: str, resume: str | None = None) -> bool:
+        """Connect, hello (with ``resume`` when not empty), then join, unless the server
+        resumed the connection: its channel then comes back as a ``joined`` with ``ref``
+        null, and joining again would only cost a join. With ``resume`` given (even
+        empty: the server gave no token) the outcome is recorded as ``RESUME``."""
         t0 = time.perf_counter()
+        resumed = False
         try:
             # skip_utf8_validation: websocket-client validates UTF-8 in pure Python, which
             # took a quarter of the load generator's CPU (py-spy); orjson-made text is valid.
             ws = websocket.create_connection(self.url, subprotocols=[SUBPROTOCOL], timeout=30,
                                              enable_multithread=False, skip_utf8_validation=True)
-            ws.send(json.dumps({"t": "hello", "token": self.token()}))
+            hello: dict[str, Any] = {"t": "hello", "token": self.token()}
+            if resume:
+                hello["resume"] = resume
+            ws.send(json.dumps(hello))
             welcome = json.loads(ws.recv())
             if welcome.get("t") != "welcome":
                 raise ConnectionError(f"hello answered with {welcome.get('t')!r}")
-            meta = {"status": "online", "device": random.choice(DEVICES)}
-            ws.send(json.dumps({"t": "join", "ref": 1, "ch": self.channel, "meta": meta}))
+            token = welcome.get("resume")
+            self.resume = token if isinstance(token, str) and welcome.get("resume_ttl") else None
+            resumed = bool(resume) and welcome.get("resumed") is True
+            if not resumed:
+                meta = {"status": "online", "device": random.choice(DEVICES)}
+                ws.send(json.dumps({"t": "join", "ref": 1, "ch": self.channel, "meta": meta}))
             while True:
                 reply = json.loads(ws.recv())
-                if reply.get("t") == "joined":
+                if reply.get("t") == "joined" and (not resumed or reply.get("ch") == self.channel):
                     break
                 if reply.get("t") == "error":
                     raise ConnectionError(f"join refused: {reply.get('code')}")
@@ -186,6 +206,10 @@ class PresenceUser(User):
             record("WS", name, (time.perf_counter() - t0) * 1000, 0, exc)
             return False
         record("WS", name, (time.perf_counter() - t0) * 1000)
+        if resume is not None:
+            since = self.dropped_at or t0
+            record("RESUME", "resumed" if resumed else "not resumed",
+                   (time.perf_counter() - since) * 1000)
         self.ws = ws
         self.reader = gevent.spawn(self.read_loop, ws)
         return True
@@ -219,11 +243,12 @@ class PresenceUser(User):
         if self.storm_pending and not self.closing:
             self.storm_pending = False
             with self.lock:
-                self.connect("storm reconnect")
+                self.connect("storm reconnect", resume=self.resume or "")
 
     def drop(self) -> None:
-        """Close the socket without the user noticing (a network drop)."""
+        """Close the socket without the user noticing (a network drop: no close frame)."""
         ws = self.ws
+        self.dropped_at = time.perf_counter()
         if ws is not None:
             with contextlib.suppress(Exception):
                 ws.shutdown()
