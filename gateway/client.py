@@ -774,7 +774,8 @@ class ResumingClient:
     async def update(self, **meta: Any) -> dict[str, Any]:
         """Change this connection's meta in every presence channel; kept for rejoins.
         An update the server refuses is forgotten (as the server forgets it)."""
-        saved = dict(self._current), {ch: dict(m) for ch, m in self._channels.items() if m}
+        saved = dict(self._current), {ch: dict(m) for ch, m in self._channels.items()
+                                       if m is not None}
         self._current.update(meta)
         for m in self._channels.values():
             if m is not None:
