@@ -10,6 +10,7 @@ that resumes: against one that does not, they fail (``resumed`` is false or abse
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -124,6 +125,39 @@ async def test_resumes_after_a_cut_and_nobody_sees_a_diff(
     assert [(m["conn"], m["status"], m["note"]) for m in diff["joins"]["u1"]] == [
         (conn, "online", "Ceremony")]
     assert a.reconnects == [r]
+
+
+async def test_requests_made_while_away_wait_for_the_resume(
+        gateway_factory: GatewayFactory, proxies: list[TcpProxy]) -> None:
+    gw = await gateway_factory(resume_ttl=10)
+    proxy = await proxy_to(proxies, gw)
+    watcher = await gw.client("w")
+    await watcher.join("team:w1")
+    await watcher.join("team:w3")
+    a = await resuming(gw, proxy.ws_url(), "u1")
+    await a.join("team:w1", META)
+    await watcher.wait_for(about("u1"))
+    conn = a.conn
+
+    proxy.hold()
+    proxy.cut()
+    await proxy.wait_accepted(2)
+    assert a.status == "reconnecting"
+    update = asyncio.ensure_future(a.update(status="away"))
+    join = asyncio.ensure_future(a.join("team:w3"))
+    await asyncio.sleep(0)
+    assert not update.done() and not join.done()  # waiting for the connection
+    proxy.release()
+    assert (await asyncio.wait_for(update, 10))["t"] == "ok"
+    assert (await asyncio.wait_for(join, 10))["t"] == "joined"
+    r = a.reconnects[-1]
+    assert r.resumed and a.conn == conn and a.channels == ["team:w1", "team:w3"]
+    # The others see what the user did while away, and nothing about the loss.
+    changes = [await watcher.wait_for(about("u1")), await watcher.wait_for(about("u1"))]
+    assert all(not e["leaves"] for e in changes)
+    assert {(e["ch"], e["joins"]["u1"][0]["status"]) for e in changes} == {
+        ("team:w1", "away"), ("team:w3", "away")}
+    assert all(e["joins"]["u1"][0]["conn"] == conn for e in changes)
 
 
 @pytest.mark.parametrize("resume_ttl", [0.3, 0.0], ids=["hold-expired", "resume-off"])
