@@ -504,11 +504,19 @@ export class PresenceClient {
     if (this._stopped) return;
     clearTimeout(this._refreshTimer);
     if (code === 4001 && this.getToken && this.reconnect && !this._tokenRetried) {
-      // Expired or refused: one more try with a token from getToken().
+      // Expired or refused: one more try, at once, if getToken() has another token.
       this._tokenRetried = true;
-      this._needToken = true;
-      this._lostInfo = { code, reason };
-      this._schedule(0, { code, reason });
+      this._setStatus("reconnecting", { code, reason, delay: 0 });
+      const giveUp = () => {
+        if (!this._stopped && !this._ws) this._fatal({ code, reason });
+      };
+      this._fetchToken().then((token) => {
+        if (this._stopped || this._ws) return;
+        if (!token || token === this.token) return giveUp();
+        this.token = token;
+        if (!this._lostInfo) this._lostInfo = { code, reason };
+        this._open("reconnecting");
+      }, giveUp);
       return;
     }
     if (FATAL_CODES.has(code) || !this.reconnect) {

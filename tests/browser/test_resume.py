@@ -169,3 +169,31 @@ async def test_dashboard_refreshes_its_token_before_exp(
     await watcher.join("team:w1")
     assert [m.conn for m in watcher.mirror["team:w1"].metas("dora")] == [welcome["conn"]]
     assert page.errors == []
+
+
+GET_TOKEN_SCRIPT = """
+async ([url, bad, good]) => {
+  const { PresenceClient } = await import('/client.js');
+  const log = [];
+  const c = new PresenceClient({ url, token: bad, getToken: async () => good });
+  c.on('status', (s, info) => log.push([s, info && info.code]));
+  const welcome = await c.connect();
+  const again = new PresenceClient({ url, token: bad, getToken: async () => null });
+  const refused = await again.connect().then(() => 'connected', (err) => err.code);
+  c.close();
+  return [welcome.user, log, refused, again.lastClose.code];
+}
+"""
+
+
+async def test_client_retries_a_refused_token_once_with_get_token(
+        browser: Any, gateway_factory: GatewayFactory) -> None:
+    gw = await gateway_factory()
+    page = await open_dashboard(browser, gw, {})
+    user, log, refused, code = await page.page.evaluate(
+        GET_TOKEN_SCRIPT, [gw.ws_url, "not-a-jwt", gw.token("eve", ["team:w1"])])
+    assert user == "eve"
+    assert log == [["connecting", None], ["reconnecting", 4001], ["connected", None],
+                   ["closed", 1000]]
+    # No other token to try: the 4001 is final, as without getToken.
+    assert (refused, code) == ("unauthorized", 4001)
