@@ -12,7 +12,7 @@ Times are integers in milliseconds since the epoch and are passed in by the call
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from presence.churn import ChurnRecord
@@ -44,11 +44,23 @@ class UserPresence:
 
 @dataclass(frozen=True, slots=True)
 class SweptMeta:
-    """A meta removed from a channel because its node died."""
+    """A meta removed from a channel because its node died. ``last_seen``: the node's
+    last lease refresh (a dead node's connections count as lost from then), or the
+    sweep's ``now`` when the Store does not know it."""
 
     ch: str
     user: str
     conn: str
+    last_seen: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """A connection taken over by :meth:`Store.resume`: its metas by channel (None for
+    a churn channel), as they were."""
+
+    conn: str
+    channels: dict[str, Meta | None]
 
 
 class Broker(Protocol):
@@ -111,27 +123,52 @@ class Store(Protocol):
         ...
 
     # -- connections -------------------------------------------------------------
-    async def add_connection(self, node: str, user: str, conn: str) -> int:
+    async def add_connection(self, node: str, user: str, conn: str,
+                             resume_hash: str = "") -> int:
         """Record a live connection of ``user``; return the user's connection count
-        (cluster-wide, this one included)."""
+        (cluster-wide, this one included). A non-empty ``resume_hash`` (the hash of
+        the connection's resume token) replaces the one kept for :meth:`resume`."""
         ...
 
     async def remove_connection(self, node: str, user: str, conn: str) -> None:
-        """Forget a connection; unknown ones are ignored."""
+        """Forget a connection of ``node`` and its resume hash; unknown ones, and a
+        connection now owned by another node (resumed there), are left alone."""
+        ...
+
+    async def track_channel(self, node: str, user: str, conn: str, ch: str,
+                            joined: bool) -> None:
+        """``conn`` joined (or left) the churn channel ``ch``: remembered so that a
+        resume gets it back (presence channels are remembered by their metas)."""
+        ...
+
+    async def resume(self, node: str, user: str, conn: str, resume_hash: str,
+                     new_hash: str) -> Adopted | None:
+        """Adopt ``conn`` of ``user`` for ``node`` if ``resume_hash`` is its current
+        resume hash (single use: ``new_hash`` replaces it). Every channel entry of the
+        connection still in the Store moves to ``node`` as it is (no write anyone
+        sees), whoever owned it: its old node (alive, dead, or drained), and a sweep
+        of that node no longer touches it. None when the hash does not match, or
+        nothing of the connection is left."""
         ...
 
     # -- presence metas ----------------------------------------------------------
-    async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta]) -> None:
+    async def put_metas(self, node: str, user: str, conn: str,
+                        metas: Mapping[str, Meta]) -> list[str]:
         """Store ``conn``'s meta in each channel of ``metas`` (channel -> meta), replacing
-        what was there; the user's index then shows the last of them for ``conn``."""
+        what was there; the user's index then shows the last of them for ``conn``.
+        A channel entry owned by another node (the connection was resumed there) is
+        left alone: returns the channels written."""
         ...
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
-    ) -> None:
+    ) -> list[str]:
         """Remove ``conn``'s meta from ``channels``. With ``last`` (the connection has no
         presence channel left), drop it from the user's index and set the user's
-        last-seen to ``now`` (kept ``last_seen_days``)."""
+        last-seen to ``now`` (kept ``last_seen_days``). An entry owned by another node
+        (resumed there) is left alone, and so is everything else of the connection:
+        returns the channels whose leave is to be published (removed now, or already
+        gone: a leave published twice is harmless)."""
         ...
 
     async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:
@@ -182,8 +219,10 @@ class Store(Protocol):
 
         Exactly once per claim: among concurrent callers one gets the list, the others
         ``None``; ``None`` also when the node is alive again or nothing is left. Users
-        swept get last-seen ``now``. The node's lease is dropped by the claim, so its
-        next :meth:`refresh_lease` returns False.
+        swept get last-seen: the node's last lease refresh (``now`` if unknown), which
+        each :class:`SweptMeta` carries. The node's lease is dropped by the claim, so
+        its next :meth:`refresh_lease` returns False. Entries of connections resumed
+        on another node (:meth:`resume`) are not removed nor reported.
         """
         ...
 

@@ -12,6 +12,8 @@ key                                     holds
 ``presence:user:{<u>}:conns``           hash conn -> node (the user's live connections)
 ``presence:user:{<u>}:index``           hash conn -> msgpack meta (last meta put per conn)
 ``presence:user:{<u>}:seen``            last-seen ms, expires after ``last_seen_days``
+``presence:user:{<u>}:resume``          hash conn -> sha256 of its resume token
+``presence:user:{<u>}:chans:<conn>``    set of the channels ``conn`` joined
 ``presence:user:{<u>}:online:<day>``    engagement: bitmap, bit m = online in minute m
 ``presence:user:{<u>}:sessions:<day>``  engagement: connections opened that day
 ``presence:user:{<u>}:devices``         engagement: hash device -> last used ms
@@ -22,6 +24,7 @@ key                                     holds
 ``presence:node:{<n>}:sweep:conns``     the conns set, likewise
 ``presence:node:{<n>}:sweep:lock``      the claiming sweeper's token (PX)
 ``presence:nodes``                      zset node -> lease expiry ms (the registry)
+``presence:{nodes}:refreshed``          hash node -> time of its last lease refresh
 ``presence:churn:{<org>}:records``      hash supplier -> msgpack record
 ``presence:churn:{<org>}:scores``       zset supplier -> score
 ======================================  ==============================================
@@ -42,6 +45,9 @@ REGISTRY = PREFIX + "nodes"
 LOADS = PREFIX + "{nodes}:loads"
 """Hash node -> connection count reported with each lease refresh."""
 
+REFRESHED = PREFIX + "{nodes}:refreshed"
+"""Hash node -> ms of its last lease refresh (a dead node's connections count as lost
+from then: the last-seen of what a sweep removes)."""
 SLOTS = 16384
 
 
@@ -87,6 +93,17 @@ def user_index(user: str) -> str:
 
 def user_seen(user: str) -> str:
     return _tag("user", user) + ":seen"
+
+
+def user_resume(user: str) -> str:
+    """Hash conn -> sha256 hex of the connection's current resume token."""
+    return _tag("user", user) + ":resume"
+
+
+def user_channels(user: str, conn: str) -> str:
+    """Set of the channels ``conn`` of ``user`` joined (presence and churn), for a
+    resume; in the user's slot (the tag comes first)."""
+    return _tag("user", user) + ":chans:" + escape(conn)
 
 
 def user_online(user: str, day: str) -> str:

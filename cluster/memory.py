@@ -12,7 +12,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from cluster.base import SWEEP_CLAIM_MS, GapHandler, MessageHandler, SweptMeta, UserPresence
+from cluster.base import (
+    SWEEP_CLAIM_MS,
+    Adopted,
+    GapHandler,
+    MessageHandler,
+    SweptMeta,
+    UserPresence,
+)
 from presence.churn import ChurnRecord, snapshot_order
 from presence.engagement import DAY_MS
 from presence.meta import Meta
@@ -98,6 +105,10 @@ class MemoryStore:
         self._user_conns: dict[str, set[str]] = {}
         self._user_index: dict[str, dict[str, Meta]] = {}
         self._conn_node: dict[str, str] = {}
+        self._conn_channels: dict[str, set[str]] = {}  # presence channels with a meta
+        self._churn_joined: dict[str, set[str]] = {}
+        self._resume: dict[tuple[str, str], str] = {}
+        self._refreshed: dict[str, int] = {}
         self._last_seen: dict[str, int] = {}
         self._leases: dict[str, int] = {}
         self._loads: dict[str, int] = {}
@@ -114,14 +125,27 @@ class MemoryStore:
         return True
 
     # -- connections -------------------------------------------------------------
-    async def add_connection(self, node: str, user: str, conn: str) -> int:
+    def _foreign(self, node: str, conn: str) -> bool:
+        """``conn`` is recorded as another node's (resumed there)."""
+        return self._conn_node.get(conn, node) != node
+
+    async def add_connection(self, node: str, user: str, conn: str,
+                             resume_hash: str = "") -> int:
         conns = self._user_conns.setdefault(user, set())
-        conns.add(conn)
-        self._node_conns.setdefault(node, set()).add((user, conn))
-        self._conn_node[conn] = node
+        if not self._foreign(node, conn):
+            conns.add(conn)
+            self._node_conns.setdefault(node, set()).add((user, conn))
+            self._conn_node[conn] = node
+            if resume_hash:
+                self._resume[(user, conn)] = resume_hash
         return len(conns)
 
     async def remove_connection(self, node: str, user: str, conn: str) -> None:
+        if self._foreign(node, conn):
+            return
+        self._forget_connection(node, user, conn)
+
+    def _forget_connection(self, node: str, user: str, conn: str) -> None:
         conns = self._user_conns.get(user)
         if conns is not None:
             conns.discard(conn)
@@ -129,25 +153,75 @@ class MemoryStore:
                 del self._user_conns[user]
         self._node_conns.get(node, set()).discard((user, conn))
         self._conn_node.pop(conn, None)
+        self._resume.pop((user, conn), None)
+        self._churn_joined.pop(conn, None)
+
+    async def track_channel(self, node: str, user: str, conn: str, ch: str,
+                            joined: bool) -> None:
+        if self._foreign(node, conn):
+            return
+        if joined:
+            self._churn_joined.setdefault(conn, set()).add(ch)
+        else:
+            self._churn_joined.get(conn, set()).discard(ch)
+
+    async def resume(self, node: str, user: str, conn: str, resume_hash: str,
+                     new_hash: str) -> Adopted | None:
+        key = (user, conn)
+        old = self._conn_node.get(conn)
+        if self._resume.get(key) != resume_hash or old is None:
+            return None
+        self._resume[key] = new_hash
+        channels: dict[str, Meta | None] = {}
+        for ch in sorted(self._conn_channels.get(conn, ())):
+            state = self._channels.get(ch)
+            meta = state.get(user, conn) if state is not None else None
+            if meta is None:
+                continue
+            entry = (ch, user, conn)
+            self._node_metas.get(self._owner.get(entry, old), set()).discard(entry)
+            self._owner[entry] = node
+            self._node_metas.setdefault(node, set()).add(entry)
+            channels[ch] = meta
+        for ch in sorted(self._churn_joined.get(conn, ())):
+            channels[ch] = None
+        self._node_conns.get(old, set()).discard(key)
+        self._node_conns.setdefault(node, set()).add(key)
+        self._conn_node[conn] = node
+        self._user_conns.setdefault(user, set()).add(conn)
+        return Adopted(conn, channels)
 
     # -- metas -------------------------------------------------------------------
-    async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta]) -> None:
+    async def put_metas(self, node: str, user: str, conn: str,
+                        metas: Mapping[str, Meta]) -> list[str]:
+        if self._foreign(node, conn):
+            return []
         owned = self._node_metas.setdefault(node, set())
+        written: list[str] = []
         for ch, meta in metas.items():
-            self._channels.setdefault(ch, ChannelState()).put(user, meta)
             key = (ch, user, conn)
+            if self._owner.get(key, node) != node:
+                continue
+            self._channels.setdefault(ch, ChannelState()).put(user, meta)
             self._owner[key] = node
             owned.add(key)
+            self._conn_channels.setdefault(conn, set()).add(ch)
             self._user_index.setdefault(user, {})[conn] = meta
+            written.append(ch)
+        return written
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
-    ) -> None:
-        for ch in channels:
+    ) -> list[str]:
+        if self._foreign(node, conn):
+            return []
+        gone = [ch for ch in channels if self._owner.get((ch, user, conn), node) == node]
+        for ch in gone:
             self._remove_one(ch, user, conn)
         if last:
             self._drop_from_index(user, conn)
             self._set_last_seen(user, now)
+        return gone
 
     def _remove_one(self, ch: str, user: str, conn: str) -> bool:
         state = self._channels.get(ch)
@@ -157,6 +231,11 @@ class MemoryStore:
         owner = self._owner.pop((ch, user, conn), None)
         if owner is not None:
             self._node_metas.get(owner, set()).discard((ch, user, conn))
+        chans = self._conn_channels.get(conn)
+        if chans is not None:
+            chans.discard(ch)
+            if not chans:
+                del self._conn_channels[conn]
         return removed is not None
 
     def _drop_from_index(self, user: str, conn: str) -> None:
@@ -194,6 +273,7 @@ class MemoryStore:
     ) -> bool:
         alive = self._leases.get(node, -1) >= now
         self._leases[node] = now + int(ttl * 1000)
+        self._refreshed[node] = now
         self._loads[node] = connections
         return alive
 
@@ -226,14 +306,19 @@ class MemoryStore:
         if not keys and not conns and claim is None:
             return None
         swept = set() if claim is None else claim.metas
+        seen = self._refreshed.get(node, now)
         for ch, user, conn in keys:
+            if self._owner.get((ch, user, conn), node) != node:
+                continue  # resumed on another node: not ours to remove
             self._remove_one(ch, user, conn)
-            swept.add(SweptMeta(ch, user, conn))
+            swept.add(SweptMeta(ch, user, conn, seen))
         for user, conn in conns:
-            await self.remove_connection(node, user, conn)
+            if not self._foreign(node, conn):
+                self._forget_connection(node, user, conn)
         for user, conn in {(s.user, s.conn) for s in swept} | conns:
-            self._drop_from_index(user, conn)
-            self._set_last_seen(user, now)
+            if not self._foreign(node, conn):
+                self._drop_from_index(user, conn)
+                self._set_last_seen(user, seen)
         self._leases.pop(node, None)
         self._loads.pop(node, None)
         self._claims[node] = _Claim(now + SWEEP_CLAIM_MS, swept)
@@ -241,7 +326,8 @@ class MemoryStore:
 
     async def sweep_finish(self, node: str) -> None:
         # One process, one object: whoever finishes, the claim is the same one.
-        self._claims.pop(node, None)
+        if self._claims.pop(node, None) is not None:
+            self._refreshed.pop(node, None)
 
     # -- churn -------------------------------------------------------------------
     async def churn_get(self, org: str, suppliers: Sequence[str]) -> dict[str, ChurnRecord]:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cluster import keys
-from cluster.base import SWEEP_CLAIM_MS, SweptMeta, UserPresence
+from cluster.base import SWEEP_CLAIM_MS, Adopted, SweptMeta, UserPresence
 from cluster.redis_batch import Command, WriteBatcher
 from cluster.redis_conn import RedisConfig, Topology, script, text
 from presence.churn import ChurnRecord, snapshot_order
@@ -55,6 +55,12 @@ CHURN_CHUNK = 1000
 OWNED_CHUNK = 1000
 
 CONN_ADD = script("conn_add")
+CONN_REMOVE = script("conn_remove")
+META_PUT = script("meta_put")
+META_REMOVE = script("meta_remove")
+META_ADOPT = script("meta_adopt")
+RESUME_CLAIM = script("resume_claim")
+USER_PUT = script("user_put")
 LEASE_REFRESH = script("lease_refresh")
 USER_LEAVE = script("user_leave")
 USER_SWEEP = script("user_sweep")
@@ -149,24 +155,68 @@ class RedisStore:
                 self._locks[key] = (lock_, left - 1)
 
     # -- connections -------------------------------------------------------------
-    async def add_connection(self, node: str, user: str, conn: str) -> int:
+    async def add_connection(self, node: str, user: str, conn: str,
+                             resume_hash: str = "") -> int:
         owner_key = keys.node_conns(node)
         await self._run([
             (owner_key, ("SADD", owner_key, pack([user, conn]))),
             (keys.REGISTRY, ("ZADD", keys.REGISTRY, "NX", 0, node)),
         ])
         user_key = keys.user_conns(user)
-        return int(await self._one(user_key, *CONN_ADD.call([user_key], [conn, node])))
+        return int(await self._one(user_key, *CONN_ADD.call(
+            [user_key, keys.user_resume(user)], [conn, node, resume_hash])))
 
     async def remove_connection(self, node: str, user: str, conn: str) -> None:
-        await self._one(keys.user_conns(user), "HDEL", keys.user_conns(user), conn)
+        user_key = keys.user_conns(user)
+        await self._one(user_key, *CONN_REMOVE.call(
+            [user_key, keys.user_resume(user), keys.user_channels(user, conn)], [conn, node]))
         await self._one(keys.node_conns(node), "SREM", keys.node_conns(node),
                         pack([user, conn]))
 
+    async def track_channel(self, node: str, user: str, conn: str, ch: str,
+                            joined: bool) -> None:
+        key = keys.user_channels(user, conn)
+        await self._one(key, "SADD" if joined else "SREM", key, ch)
+
+    async def resume(self, node: str, user: str, conn: str, resume_hash: str,
+                     new_hash: str) -> Adopted | None:
+        user_key, chans = keys.user_conns(user), keys.user_channels(user, conn)
+        claimed = await self._one(user_key, *RESUME_CLAIM.call(
+            [user_key, keys.user_resume(user), chans], [conn, resume_hash, new_hash, node]))
+        if not claimed:
+            return None
+        old, channels = text(claimed[0]), sorted(text(c) for c in claimed[1:])
+        presence = [ch for ch in channels if not ch.startswith("churn:")]
+        # Ownership first (see the module docstring), then the entries move.
+        entries = [pack([ch, user, conn]) for ch in presence]
+        owner_key = keys.node_metas(node)
+        field = keys.meta_field(user, conn)
+        await self._run([
+            (keys.node_conns(node), ("SADD", keys.node_conns(node), pack([user, conn]))),
+            (keys.REGISTRY, ("ZADD", keys.REGISTRY, "NX", 0, node)),
+            *([(owner_key, ("SADD", owner_key, *entries))] if entries else []),
+        ])
+        self._owned.setdefault(node, set()).update(entries)
+        moved = await self._run([(keys.channel_metas(ch), META_ADOPT.call(
+            [keys.channel_metas(ch)], [field, node])) for ch in presence])
+        # The old node no longer owns any of it (a sweep of it must not find it).
+        old_metas = keys.node_metas(old)
+        await self._run([
+            (keys.node_conns(old), ("SREM", keys.node_conns(old), pack([user, conn]))),
+            *([(old_metas, ("SREM", old_metas, *entries))] if entries else []),
+        ])
+        self._owned.get(old, set()).difference_update(entries)
+        out: dict[str, Meta | None] = {
+            ch: Meta.from_wire(unpack(raw)) for ch, raw in zip(presence, moved, strict=True)
+            if raw is not None}
+        out.update({ch: None for ch in channels if ch.startswith("churn:")})
+        return Adopted(conn, out)
+
     # -- metas -------------------------------------------------------------------
-    async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta]) -> None:
+    async def put_metas(self, node: str, user: str, conn: str,
+                        metas: Mapping[str, Meta]) -> list[str]:
         if not metas:
-            return
+            return []
         async with self._exclusive(node, user, conn):
             known = self._owned.setdefault(node, set())
             owned = [k for k in (pack([ch, user, conn]) for ch in metas) if k not in known]
@@ -180,36 +230,43 @@ class RedisStore:
                 known.update(owned)
             field = keys.meta_field(user, conn)
             writes: list[Command] = []
+            channels = list(metas)
             for ch, meta in metas.items():
                 key = keys.channel_metas(ch)
-                writes.append((key, ("HSET", key, field, pack([user, node, meta.to_wire()]))))
+                writes.append((key, META_PUT.call(
+                    [key], [field, node, pack([user, node, meta.to_wire()])])))
             last = list(metas.values())[-1]
-            index = keys.user_index(user)
-            writes.append((index, ("HSET", index, conn, pack(last.to_wire()))))
-            await self._run(writes)
+            user_keys = [keys.user_conns(user), keys.user_index(user),
+                         keys.user_channels(user, conn)]
+            writes.append((user_keys[0], USER_PUT.call(
+                user_keys, [conn, node, pack(last.to_wire()), *channels])))
+            done = await self._run(writes)
+            return [ch for ch, ok in zip(channels, done, strict=False) if int(ok) == 1]
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
-    ) -> None:
+    ) -> list[str]:
         if not channels and not last:
-            return
+            return []
         async with self._exclusive(node, user, conn):
             field = keys.meta_field(user, conn)
             writes: list[Command] = []
             for ch in channels:
                 key = keys.channel_metas(ch)
-                writes.append((key, ("HDEL", key, field)))
-            if last:
-                index, seen = keys.user_index(user), keys.user_seen(user)
-                writes.append((index, USER_LEAVE.call([index, seen],
-                                                      [conn, now, self.last_seen_ms])))
-            await self._run(writes)
+                writes.append((key, META_REMOVE.call([key], [field, node])))
+            user_keys = [keys.user_index(user), keys.user_seen(user), keys.user_conns(user),
+                         keys.user_channels(user, conn)]
+            writes.append((user_keys[0], USER_LEAVE.call(user_keys, [
+                conn, now, self.last_seen_ms, node, 1 if last else 0, *channels])))
+            done = await self._run(writes)
             if channels:
-                # Ownership last, for the same reason as in put_metas.
+                # Ownership last, for the same reason as in put_metas (an entry another
+                # node adopted is not ours either way).
                 owned = [pack([ch, user, conn]) for ch in channels]
                 owner_key = keys.node_metas(node)
                 await self._run([(owner_key, ("SREM", owner_key, *owned))])
                 self._owned.get(node, set()).difference_update(owned)
+            return [ch for ch, r in zip(channels, done, strict=False) if int(r) >= 0]
 
     async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:
         raw = await self.redis.command("HGETALL", keys.channel_metas(ch))
@@ -247,6 +304,7 @@ class RedisStore:
             (lease, LEASE_REFRESH.call([lease], [expiry, ttl_ms])),
             (keys.REGISTRY, ("ZADD", keys.REGISTRY, expiry, node)),
             (keys.LOADS, ("HSET", keys.LOADS, node, int(connections))),
+            (keys.REFRESHED, ("HSET", keys.REFRESHED, node, now)),
         ]
         owned = list(self._owned.get(node, ()))
         for i in range(0, len(owned), OWNED_CHUNK):
@@ -314,6 +372,8 @@ class RedisStore:
         score = await self.redis.command("ZSCORE", keys.REGISTRY, node)
         if score is not None and float(score) >= now:
             return None
+        # A dead node's connections count as lost from its last lease refresh.
+        seen = _int(await self.redis.command("HGET", keys.REFRESHED, node)) or now
         self._owned.pop(node, None)  # its ownership records are about to go
         token = uuid.uuid4().hex
         sweep_metas, sweep_conns = keys.node_sweep_metas(node), keys.node_sweep_conns(node)
@@ -332,22 +392,28 @@ class RedisStore:
         ])
         owned = sorted({tuple(unpack(r)) for r in raw_metas})
         conns = {tuple(unpack(r)) for r in raw_conns}
-        swept = [SweptMeta(ch, user, conn) for ch, user, conn in owned]
+        claimed = [SweptMeta(ch, user, conn, seen) for ch, user, conn in owned]
         # The claim stays until sweep_finish: every claimed meta is reported, also
-        # those an earlier (dead) sweeper already removed, whose leaves may be lost.
-        writes: list[Command] = []
-        for s in swept:
-            key = keys.channel_metas(s.ch)
-            writes.append((key, ("HDEL", key, keys.meta_field(s.user, s.conn))))
+        # those an earlier (dead) sweeper already removed, whose leaves may be lost;
+        # not those another node adopted (a resume), which stay where they are.
+        removed = await self._run([
+            (keys.channel_metas(m.ch), META_REMOVE.call(
+                [keys.channel_metas(m.ch)], [keys.meta_field(m.user, m.conn), node]))
+            for m in claimed])
+        swept = [m for m, r in zip(claimed, removed, strict=True) if int(r) >= 0]
         by_user: dict[str, set[str]] = {}
-        for s in swept:
-            by_user.setdefault(s.user, set()).add(s.conn)
+        for m in swept:
+            by_user.setdefault(m.user, set()).add(m.conn)
         for user, conn in conns:
             by_user.setdefault(user, set()).add(conn)
+        writes: list[Command] = []
         for user, user_conns in sorted(by_user.items()):
-            user_keys = [keys.user_conns(user), keys.user_index(user), keys.user_seen(user)]
+            ordered = sorted(user_conns)
+            user_keys = [keys.user_conns(user), keys.user_index(user), keys.user_seen(user),
+                         keys.user_resume(user),
+                         *(keys.user_channels(user, c) for c in ordered)]
             writes.append((user_keys[0], USER_SWEEP.call(
-                user_keys, [now, self.last_seen_ms, *sorted(user_conns)])))
+                user_keys, [seen, self.last_seen_ms, node, *ordered])))
         await self._run(writes)
         self._claims[node] = _Claim(
             f"{token}:{now + SWEEP_CLAIM_MS}", None if score is None else float(score)
@@ -367,6 +433,8 @@ class RedisStore:
         if int(done) and claim.score is not None:
             await self.redis.eval(REGISTRY_PRUNE, [keys.REGISTRY],
                                   [node, repr(claim.score)])
+        if int(done):
+            await self.redis.command("HDEL", keys.REFRESHED, node)
 
     # -- churn -------------------------------------------------------------------
     async def churn_get(self, org: str, suppliers: Sequence[str]) -> dict[str, ChurnRecord]:

@@ -27,6 +27,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cluster.autoscaler import Autoscaler
+from cluster.base import Store
+from gateway import reads
 from gateway.admin_server import handler_args
 from gateway.auth import Authenticator
 from gateway.http import (
@@ -86,7 +88,8 @@ class AdminNode(Protocol):
 
     async def query_users(self, users: Sequence[str]) -> dict[str, Any]: ...
 
-    async def channel_presence(self, ch: str) -> dict[str, list[dict[str, Any]]]: ...
+    @property
+    def store(self) -> Store: ...
 
 
 NODE_KEY = web.AppKey("node", AdminNode)
@@ -138,7 +141,7 @@ async def _presence(request: web.Request) -> web.Response:
 async def _channel_presence(request: web.Request) -> web.Response:
     require_role(request, CHANNEL_ROLES)
     ch = validate_channel(request.match_info["ch"], field="ch")
-    presence = await request.app[NODE_KEY].channel_presence(ch)
+    presence = await reads.channel_presence(request.app[NODE_KEY].store, ch)
     return json_response({"ch": ch, "presence": presence})
 
 

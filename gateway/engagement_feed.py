@@ -2,8 +2,8 @@
 
 Sessions, devices and online minutes (presence/engagement.py) are written in the
 background: a slow or failing backend must never delay or break a connection, so a
-failed write is only logged (the figures then miss a sample). The caller passes the
-store and the time of each signal (tests script whole days with a fake clock).
+failed write is only logged (the figures then miss a sample). The feed reads its store
+and clock at each signal (tests script whole days with a fake clock).
 """
 
 from __future__ import annotations
@@ -21,18 +21,21 @@ log = structlog.get_logger("presence.engagement")
 
 
 class EngagementFeed:
-    """Background writer of one node's engagement signals."""
+    """Background writer of one node's engagement signals, to the store and at the
+    time its two callables give (read at each signal: tests swap both)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: Callable[[], EngagementStore], clock_ms: Callable[[], int]) -> None:
+        self._store = store
+        self._clock = clock_ms
         self._pending: set[asyncio.Future[None]] = set()
 
-    def opened(self, store: EngagementStore, user: str, now: int) -> None:
+    def opened(self, user: str) -> None:
         """A connection of ``user`` opened: count a session, online this minute."""
-        self._write("opened", _opened(store, user, now))
+        self._write("opened", _opened(self._store(), user, self._clock()))
 
-    def device(self, store: EngagementStore, user: str, device: str, now: int) -> None:
+    def device(self, user: str, device: str) -> None:
         """A join or update of ``user`` carried ``device``."""
-        self._write("device", store.record_device(user, device, now))
+        self._write("device", self._store().record_device(user, device, self._clock()))
 
     def _write(self, what: str, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(_logged(what, coro))
@@ -44,12 +47,12 @@ class EngagementFeed:
         while self._pending:
             await asyncio.gather(*self._pending)
 
-    async def tick(self, store: EngagementStore, users: Iterable[str], now: int) -> int:
-        """Mark ``users`` online for the minute of ``now`` (one batched call); returns
+    async def tick(self, users: Iterable[str]) -> int:
+        """Mark ``users`` online for the current minute (one batched call); returns
         the number of users marked."""
         marked = sorted(set(users))
         if marked:
-            await _logged("tick", store.mark_online(marked, now))
+            await _logged("tick", self._store().mark_online(marked, self._clock()))
         return len(marked)
 
     @staticmethod

@@ -3,7 +3,8 @@
 Contract:
 
 * The lease is refreshed every ``node_lease / 4`` seconds with a lifetime of
-  ``0.8 * node_lease`` (so a node that dies is swept within ``node_lease``).
+  ``max(0.8 * node_lease, resume_ttl)`` (so a node that dies is swept within
+  ``max(node_lease, resume_ttl)``, its connections resumable until then).
 * A refresh that finds the lease had lapsed means this node was frozen (GC pause, CPU
   throttling, partition) long enough for others to sweep it: every live connection is
   re-asserted at once (connection record, metas, joins published), and once more a
@@ -45,10 +46,14 @@ class Leases:
         reassert_all: Callable[[], Awaitable[None]],
         connections: Callable[[], int],
         clock_ms: Callable[[], int] = now_ms,
+        hold: float = 0.0,
+        swept: Callable[[int], None] = lambda n: None,
     ) -> None:
         self.store = store
         self.owner = owner
         self.lease = lease
+        self.hold = hold
+        self.swept = swept  # told how many metas each sweep removed (a metric)
         self.publish = publish
         self.reassert_all = reassert_all
         self.connections = connections
@@ -58,7 +63,19 @@ class Leases:
 
     @property
     def ttl(self) -> float:
-        return self.lease * 0.8
+        # At least the resume hold: a dead node's connections are held (resumable)
+        # from its last refresh, and swept once the lease lapses.
+        return max(self.lease * 0.8, self.hold)
+
+    async def release(self) -> None:
+        """Clean stop. Without holds the lease is given up (nothing is left to sweep);
+        with them it is refreshed one last time for ``hold`` seconds, so the
+        connections just closed with 1012 stay resumable elsewhere until then and a
+        survivor sweeps what nobody resumed."""
+        if self.hold > 0:
+            await self.store.refresh_lease(self.owner, self.hold, self.clock_ms(), 0)
+        else:
+            await self.store.drop_lease(self.owner)
 
     async def refresh(self) -> bool:
         """Refresh the lease; False when it had lapsed (or did not exist)."""
@@ -107,8 +124,10 @@ class Leases:
             swept = await self.store.sweep_node(node, now)
             if swept is None:
                 continue
-            await self.publish([(s.ch, encode_leave(s.user, s.conn, now, now)) for s in swept])
+            await self.publish([(s.ch, encode_leave(s.user, s.conn, s.last_seen or now, now))
+                                for s in swept])
             await self.store.sweep_finish(node)
+            self.swept(len(swept))
             count += len(swept)
             log.info("node_swept", dead_node=node, metas=len(swept))
         return count

@@ -70,6 +70,19 @@ class Metrics:
             "presence_rate_limited_total", "Requests refused by a rate limit or quota",
             ["kind"], registry=r,
         )
+        self.held = Gauge(
+            "presence_held_connections", "Lost connections held for resume on this node",
+            registry=r,
+        )
+        self.resumes = Counter(
+            "presence_resumes_total", "Resume attempts at hello, by result",
+            ["result"], registry=r,
+        )
+        self.leaves = Counter(
+            "presence_leaves_total",
+            "Connections whose presence ended (leaves published), by cause",
+            ["cause"], registry=r,
+        )
         self.slow_consumers = Counter(
             "presence_slow_consumer_closes_total",
             "Connections closed because their unsent buffer passed max_buffer", registry=r,

@@ -6,6 +6,7 @@ a single connection, each in a module of its own:
 - :mod:`gateway.subscriptions`: one broker subscription per channel with local members;
 - :mod:`gateway.repair`: gap repair after a broker failover, serialised with delivery;
 - :mod:`gateway.leases`: this node's lease, self-sweep detection, sweeping dead nodes;
+- :mod:`gateway.holds`: lost connections held for resume, resume tokens;
 - :mod:`gateway.health`: backend probing, the readiness grace, recovery;
 - :mod:`gateway.writes`: Store writes that failed, retried until done;
 - :mod:`gateway.stats` and :mod:`gateway.engagement_feed`: figures and signals.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import secrets
 import time
@@ -26,17 +28,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from cluster.base import Broker, Store
+from cluster.base import Adopted, Broker, Store
 from cluster.engagement import EngagementStore
 from cluster.factory import make_engagement
 from gateway import reads
 from gateway.auth import Authenticator
+from gateway.delivery import deliver
 from gateway.engagement_feed import EngagementFeed
 from gateway.health import Health, until_connected
+from gateway.holds import Holds
 from gateway.hub import Hub
 from gateway.leases import Leases
 from gateway.metrics import Metrics
-from gateway.ports import BackendError, LocalConnection, now_ms
+from gateway.ports import BackendError, LocalConnection, NodeServices, now_ms
 from gateway.reassert import reassert_all, reassert_channel
 from gateway.repair import GapRepair
 from gateway.stats import NodeStats, cluster_figures
@@ -44,13 +48,10 @@ from gateway.subscriptions import Subscriptions
 from gateway.writes import RetryQueue, retrying
 from presence.channels import is_churn
 from presence.errors import Overloaded
-from presence.messages import ChurnMsg, JoinMsg, LeaveMsg, decode_message, encode_join, encode_leave
+from presence.messages import encode_join, encode_leave
 from presence.meta import Meta
 from presence.ratelimit import KeyedWindows, SlidingWindow
 from presence.settings import Settings
-
-if TYPE_CHECKING:
-    from gateway.ports import NodeServices
 
 log = structlog.get_logger("presence.node")
 T = TypeVar("T")
@@ -81,15 +82,22 @@ class Node:
         self.owner = self._id_prefix
         self.subscriptions = Subscriptions(broker, self.hub, self.metrics)
         self.repair = GapRepair(store, self.hub, self._reassert_channel)
+        # Lost connections are held for resume_ttl, on this node or, once it is gone,
+        # by its lease: the lease lives at least that long (gateway/holds.py).
+        self.holds = Holds(settings.lifetime.resume_ttl, lambda cid, held: self._forget(
+            held.user, cid, held.channels, "lost", held.lost_at), self.background, self.metrics)
         self.leases = Leases(store, self.owner, settings.backend.node_lease, self.publish,
-                             self.reassert_all, self.connection_count)
+                             self.reassert_all, self.connection_count,
+                             hold=settings.lifetime.resume_ttl,
+                             swept=self.metrics.leaves.labels("node_died").inc)
         self.health = Health(self._probe, settings.backend.ready_grace, self.metrics,
                              self._recovered)
         self.writes = RetryQueue()
+        self._deliver = functools.partial(deliver, self.hub, self.repair, self.metrics)
         # Engagement signals (gateway/engagement_feed.py); tests swap the store and clock.
         self.engagement = engagement or make_engagement(settings)
         self.clock_ms: Callable[[], int] = now_ms
-        self.feed = EngagementFeed()
+        self.feed = EngagementFeed(lambda: self.engagement, lambda: self.clock_ms())
         # A client's write rides through a failover this long before ``overloaded``.
         self._write_retry = min(5.0, settings.backend.ready_grace)
         self._tasks: list[asyncio.Task[None]] = []
@@ -101,7 +109,7 @@ class Node:
         """Connect the backends (retrying, with backoff, until they answer: the process
         stays alive and not ready meanwhile) and start the background duties."""
         await until_connected(self.store.start,
-                              lambda: self.broker.start(self._on_message, self.repair.on_gap),
+                              lambda: self.broker.start(self._deliver, self.repair.on_gap),
                               self.engagement.start)
         await self.leases.refresh()
         self.health.mark(True)
@@ -121,10 +129,11 @@ class Node:
         if self._tasks:
             await asyncio.wait(self._tasks)
         self._tasks.clear()
+        self.holds.close()
         closers: tuple[Callable[[], Awaitable[None]], ...] = (
             self.repair.close, self.leases.close, self.subscriptions.close, self.writes.close,
             lambda: asyncio.wait_for(self.feed.flush(), 2.0), self.engagement.close,
-            lambda: self.store.drop_lease(self.owner), self.broker.close, self.store.close)
+            self.leases.release, self.broker.close, self.store.close)
         for close in closers:  # each in turn, whatever the others did
             with contextlib.suppress(Exception):
                 await close()
@@ -136,14 +145,6 @@ class Node:
         """Readiness: serving, not draining, backend usable (within ``ready_grace``)."""
         return bool(self._tasks) and not self.draining and self.health.usable()
 
-    @property
-    def backend_ok(self) -> bool:
-        return self.health.usable()
-
-    @backend_ok.setter
-    def backend_ok(self, ok: bool) -> None:
-        self.health.force(ok)
-
     def check_backend(self) -> None:
         if not self.health.usable():
             raise Overloaded("backend unavailable, retry later", retry_after=2.0)
@@ -152,31 +153,44 @@ class Node:
     def connection_count(self) -> int:
         return len(self.sessions)
 
-    async def register(self, conn: LocalConnection) -> int:
+    async def register(self, conn: LocalConnection, resume_hash: str) -> int:
         count = await self._retrying(
-            lambda: self.store.add_connection(self.owner, conn.user, conn.conn))
+            lambda: self.store.add_connection(self.owner, conn.user, conn.conn, resume_hash))
         self.sessions.add(conn)
         self.metrics.connections.set(len(self.sessions))
         return count
 
-    async def unregister(self, conn: LocalConnection, channels: Sequence[str]) -> None:
+    async def unregister(self, conn: LocalConnection, channels: Sequence[str],
+                         cause: str) -> None:
         self.sessions.discard(conn)
         self.metrics.connections.set(len(self.sessions))
         presence = [ch for ch in channels if ch in conn.metas]
         for ch in channels:
             await self.subscriptions.leave(ch, conn)
-        user, cid = conn.user, conn.conn
+        if cause == "lost" and self.holds.enabled:
+            self.holds.hold(conn.conn, conn.user, presence, now_ms())
+            return
+        await self._forget(conn.user, conn.conn, presence, cause, now_ms())
 
+    async def _forget(self, user: str, cid: str, presence: list[str], cause: str,
+                      last_seen: int) -> None:
         async def forget() -> None:
-            await self.drop_presence(user, cid, presence, last=True)
+            if await self.drop_presence(user, cid, presence, True, last_seen):
+                self.metrics.leaves.labels(cause).inc()
             await self.store.remove_connection(self.owner, user, cid)
 
         await self.writes.attempt((cid, ""), forget)
+
+    async def resume(self, user: str, token: str) -> tuple[Adopted | None, str]:
+        return await self.holds.resume(self.store, self.owner, user, token)
 
     async def enter(self, ch: str, member: LocalConnection, meta: Meta | None) -> None:
         self.writes.cancel((member.conn, ch))  # an older leave must not remove this join
         await self.subscriptions.join(ch, member)
         if meta is None:
+            if is_churn(ch):  # remembered for a resume (presence: by the metas)
+                await self._retrying(lambda: self.store.track_channel(
+                    self.owner, member.user, member.conn, ch, True))
             return
         try:
             await self.put_metas(member.user, {ch: meta})
@@ -186,29 +200,39 @@ class Node:
 
     async def exit(self, ch: str, member: LocalConnection, had_meta: bool, last: bool) -> None:
         await self.subscriptions.leave(ch, member)
-        if had_meta:
-            user, cid = member.user, member.conn
-            await self.writes.attempt(
-                (cid, ch), lambda: self.drop_presence(user, cid, [ch], last))
+        user, cid = member.user, member.conn
+
+        async def leave() -> None:
+            if is_churn(ch):
+                await self.store.track_channel(self.owner, user, cid, ch, False)
+            elif had_meta:
+                await self.drop_presence(user, cid, [ch], last)
+
+        await self.writes.attempt((cid, ch), leave)
 
     async def put_metas(self, user: str, metas: Mapping[str, Meta]) -> None:
-        """Store a connection's metas (channel -> meta) and publish them as joins."""
+        """Store a connection's metas (channel -> meta) and publish them as joins
+        (those the Store took: not the entries of a connection resumed elsewhere)."""
         if not metas:
             return
         conn = next(iter(metas.values())).conn
-        await self._retrying(lambda: self.store.put_metas(self.owner, user, conn, metas))
+        written = await self._retrying(
+            lambda: self.store.put_metas(self.owner, user, conn, metas))
         ts = now_ms()
         await self._retrying(
-            lambda: self.publish([(ch, encode_join(user, m, ts)) for ch, m in metas.items()]))
+            lambda: self.publish([(ch, encode_join(user, metas[ch], ts)) for ch in written]))
 
     async def drop_presence(self, user: str, conn: str, channels: Sequence[str],
-                            last: bool) -> None:
-        """Remove a connection's metas from ``channels`` and publish the leaves."""
+                            last: bool, last_seen: int | None = None) -> list[str]:
+        """Remove a connection's metas from ``channels`` and publish the leaves (not
+        for entries now another node's: a resume took them); the channels left."""
         if not channels:
-            return
+            return []
         ts = now_ms()
-        await self.store.remove_metas(self.owner, user, conn, channels, ts, last)
-        await self.publish([(ch, encode_leave(user, conn, ts, ts)) for ch in channels])
+        seen = ts if last_seen is None else last_seen
+        gone = await self.store.remove_metas(self.owner, user, conn, channels, seen, last)
+        await self.publish([(ch, encode_leave(user, conn, seen, ts)) for ch in gone])
+        return gone
 
     async def publish(self, messages: list[tuple[str, bytes]]) -> None:
         if messages:
@@ -228,23 +252,7 @@ class Node:
     async def query_users(self, users: Sequence[str]) -> dict[str, Any]:
         return await reads.query_users(self.store, users)
 
-    async def channel_presence(self, ch: str) -> dict[str, list[dict[str, Any]]]:
-        return await reads.channel_presence(self.store, ch)
-
-    # -- broker delivery, re-assertion, recovery ---------------------------------------
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        self.metrics.broker_messages.labels("in").inc()
-        msg = decode_message(payload)
-        hub = self.hub
-        if isinstance(msg, JoinMsg):
-            self.repair.deliver(topic, lambda: hub.on_join(topic, msg.user, msg.meta, msg.ts))
-        elif isinstance(msg, LeaveMsg):
-            self.repair.deliver(topic, lambda: hub.on_leave(
-                topic, msg.user, msg.conn, msg.last_seen, msg.ts))
-        elif isinstance(msg, ChurnMsg) and is_churn(topic):
-            hub.broadcast(topic, {"t": "churn", "ch": topic, "ts": msg.ts,
-                                  "records": [r.to_wire() for r in msg.records]})
-
+    # -- re-assertion, recovery (delivery: gateway/delivery.py) -----------------------
     async def _reassert_channel(self, ch: str) -> None:
         await reassert_channel(self.sessions, ch, self.put_metas)
 
@@ -281,19 +289,9 @@ class Node:
     async def cluster_stats(self) -> dict[str, Any]:
         return await cluster_figures(self.store, self.owner, len(self.sessions), now_ms())
 
-    def engagement_opened(self, user: str) -> None:
-        self.feed.opened(self.engagement, user, self.clock_ms())
-
-    def engagement_device(self, user: str, device: str) -> None:
-        self.feed.device(self.engagement, user, device, self.clock_ms())
-
-    async def engagement_flush(self) -> None:
-        await self.feed.flush()
-
     async def engagement_tick(self) -> int:
         """Mark every user with a local connection online for the current minute."""
-        return await self.feed.tick(
-            self.engagement, [c.user for c in self.sessions], self.clock_ms())
+        return await self.feed.tick([c.user for c in self.sessions])
 
 
 if TYPE_CHECKING:

@@ -31,7 +31,8 @@ class Outbound:
     """Writes to one client; ``core`` decides which frames are held back (a join in
     flight) and is told when the connection is closing."""
 
-    __slots__ = ("close_reason", "closing", "conn", "core", "fmt", "node", "settings", "ws")
+    __slots__ = ("close_code", "close_reason", "closing", "conn", "core", "fmt", "node",
+                 "settings", "ws")
 
     def __init__(self, ws: ServerConnection, node: NodeServices, fmt: Format,
                  conn: str, core: Connection) -> None:
@@ -42,6 +43,7 @@ class Outbound:
         self.conn = conn
         self.core = core
         self.closing = False
+        self.close_code: int | None = None
         self.close_reason = ""
 
     def write_frame(self, data: str | bytes, ch: str | None = None) -> None:
@@ -81,6 +83,7 @@ class Outbound:
     def _closing(self, code: int, reason: str) -> None:
         self.closing = True
         self.core.closed = True
+        self.close_code = code
         self.close_reason = reason
         self.node.metrics.count_close(code)
 

@@ -19,8 +19,9 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
-from cluster.base import BackendUnavailable
+from cluster.base import Adopted, BackendUnavailable
 from gateway.auth import Authenticator
+from gateway.engagement_feed import EngagementFeed
 from gateway.hub import Member
 from gateway.metrics import Metrics
 from presence.meta import Meta
@@ -68,6 +69,9 @@ class NodeServices(Protocol):
     node_id: str
     metrics: Metrics
     auth: Authenticator
+    feed: EngagementFeed
+    """Engagement signals: ``feed.opened(user)`` after a welcome, ``feed.device(user,
+    device)`` when a join or update names a device."""
 
     @property
     def draining(self) -> bool:
@@ -103,17 +107,27 @@ class NodeServices(Protocol):
         connections."""
         ...
 
-    async def register(self, conn: LocalConnection) -> int:
-        """Record an authenticated connection (Store and local set); return the user's
-        connection count across the cluster, this one included. On an exception
-        nothing is registered."""
+    async def register(self, conn: LocalConnection, resume_hash: str) -> int:
+        """Record an authenticated connection (Store and local set) with the hash of its
+        resume token; return the user's connection count across the cluster, this one
+        included. On an exception nothing is registered."""
         ...
 
-    async def unregister(self, conn: LocalConnection, channels: Sequence[str]) -> None:
+    async def unregister(self, conn: LocalConnection, channels: Sequence[str],
+                         cause: str) -> None:
         """The connection ended: leave every channel in ``channels`` (presence and
-        churn; the metas of the presence channels, those of ``conn.metas`` at the
-        call, are removed and their leaves published) and forget the connection.
-        Never raises: a Store write that fails is queued and retried until done."""
+        churn) locally. ``cause`` "lost" (no clean end) holds its metas for
+        ``resume_ttl`` (gateway/holds.py); any other cause ("closed", "expired")
+        removes the metas of the presence channels (those of ``conn.metas`` at the
+        call), publishes their leaves and forgets the connection. Never raises: a
+        Store write that fails is queued and retried until done."""
+        ...
+
+    async def resume(self, user: str, token: str) -> tuple[Adopted | None, str]:
+        """Adopt the connection ``token`` (a resume token of ``user``) names, wherever
+        it was: its channels with their metas, and its new resume token; ``(None,
+        "")`` when it cannot be resumed (unknown, used, expired, another user's, or
+        the backend is down)."""
         ...
 
     async def enter(self, ch: str, member: LocalConnection, meta: Meta | None) -> None:
@@ -144,10 +158,3 @@ class NodeServices(Protocol):
         """The ``users`` body of a ``result`` reply."""
         ...
 
-    def engagement_opened(self, user: str) -> None:
-        """A connection of ``user`` opened (after its welcome)."""
-        ...
-
-    def engagement_device(self, user: str, device: str) -> None:
-        """A join or update of ``user`` carried ``device``."""
-        ...

@@ -23,6 +23,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import bearer_token
+from gateway.holds import new_token, token_hash
 from gateway.outbound import CLOSE_TIMEOUT, Outbound
 from gateway.ports import BackendError, NodeServices, now_ms
 from presence import connection as pc
@@ -40,6 +41,10 @@ from presence.errors import (
 from presence.meta import Meta
 
 log = structlog.get_logger("presence.session")
+
+ABUSE_CLOSES = frozenset({CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG,
+                          CloseCode.MALFORMED, CloseCode.UNAUTHORIZED})
+"""Server close codes that are a clean end (PROTOCOL.md: bad token, abuse)."""
 
 
 
@@ -131,18 +136,29 @@ class Session(Outbound):
         if self.ws.request is not None:
             self.ws.request.headers.clear()
         self.ws.response = None
-        count = await self.node.register(self)
+        adopted, token = (None, "")
+        if hello.resume is not None:  # a connection lost in the last resume_ttl seconds?
+            adopted, token = await self.node.resume(self.user, hello.resume)
+        if adopted is not None:
+            self.conn = self.core.conn = adopted.conn
+        else:
+            token = new_token(self.conn)[0]
+        count = await self.node.register(self, token_hash(token))
         self.registered = True
-        t = self.settings.transport
-        await self._execute(self.core.registered(count, hello.ref, self.node.node_id,
-                                                 t.ping_interval, t.max_frame))
+        t, lifetime = self.settings.transport, self.settings.lifetime
+        resumed = None if hello.resume is None else adopted is not None
+        await self._execute(self.core.registered(
+            count, hello.ref, self.node.node_id, t.ping_interval, t.max_frame,
+            (token, lifetime.resume_ttl, resumed)))
+        for ch, meta in (adopted.channels if adopted is not None else {}).items():
+            await self._execute(self.core.resumed({ch: meta}))  # each on its own
         if self.closing:  # the close must go out before the handler returns (with 1000)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self.ws.wait_closed()
             return False
         self._arm_expiry()
-        self.node.engagement_opened(self.user)  # engagement: a session, online now
+        self.node.feed.opened(self.user)  # engagement: a session, online now
         log.info("connection_open", conn=self.conn, user=self.user, role=claims.role,
                  format=self.fmt.value)
         return True
@@ -169,7 +185,7 @@ class Session(Outbound):
         node = self.node
         was_member = self.registered
         if self.registered:
-            await node.unregister(self, self.core.joined_channels())
+            await node.unregister(self, self.core.joined_channels(), self._cause())
         self.core.end()
         code = self.ws.close_code
         if code is not None and not self.closing:
@@ -181,10 +197,30 @@ class Session(Outbound):
         if self._finished is not None:
             self._finished.set()
 
+    def _cause(self) -> str:
+        """How the connection ended: "lost" (no clean end: held for resume),
+        "expired" (its token) or "closed" (PROTOCOL.md "Resume")."""
+        if self.close_code is not None:  # closed by us
+            if self.close_code == CloseCode.SERVICE_RESTART:
+                return "lost"  # a drain: the client resumes elsewhere
+            return "expired" if self.close_reason == "token expired" else "closed"
+        rcvd, sent = self.ws.protocol.close_rcvd, self.ws.protocol.close_sent
+        if rcvd is not None:  # the client's close: 1001 (going away) is a loss
+            return "lost" if rcvd.code in (1001, 1006) else "closed"
+        if sent is not None and sent.code in ABUSE_CLOSES:
+            return "closed"  # the library closed it for abuse (frame too big, flood)
+        return "lost"  # no close frame, late pong
+
     async def drain(self, jitter: float) -> None:
-        """Node shutdown: remove our presence (leaves published), then close with 1012
-        and a reconnect hint of a random delay, so clients do not all return at once."""
-        await self._execute(self.core.drain(random.uniform(0, jitter)))
+        """Node shutdown: close with 1012 and a reconnect hint of a random delay, so
+        clients do not all return at once; they resume elsewhere (the connection is
+        held). With resume off the metas are removed first (leaves published)."""
+        delay = random.uniform(0, jitter)
+        if self.settings.lifetime.resume_ttl > 0:
+            self.close_soon(CloseCode.SERVICE_RESTART,
+                            f"server restarting; reconnect in {delay:.1f}s")
+        else:
+            await self._execute(self.core.drain(delay))
 
     # -- effects ---------------------------------------------------------------------
     async def _execute(self, effects: list[Effect]) -> None:
@@ -228,6 +264,9 @@ class Session(Outbound):
             node.check_backend()
             await node.enter(effect.ch, self, effect.meta)
             self.core.entered(effect.ch, effect.meta)
+        elif isinstance(effect, pc.Adopt):
+            await node.enter(effect.ch, self, None)
+            self.core.entered(effect.ch, effect.meta)
         elif isinstance(effect, pc.Snapshot):
             body = await node.snapshot(effect.ch, effect.fresh)
             return self.core.snapshot_ready(effect.ch, effect.ref, body)
@@ -245,7 +284,7 @@ class Session(Outbound):
             self._arm_expiry()
             return more
         elif isinstance(effect, pc.DeviceUsed):  # engagement: devices used
-            node.engagement_device(self.user, effect.device)
+            node.feed.device(self.user, effect.device)
         return None
 
     def _error(self, exc: PresenceError, ref: int | None) -> None:

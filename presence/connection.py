@@ -131,6 +131,16 @@ class Enter:
 
 
 @dataclass(frozen=True, slots=True)
+class Adopt:
+    """A resumed connection's channel: become a local member of ``ch`` again (no Store
+    write, nothing published: the Store already holds ``meta``). On success call
+    :meth:`Connection.entered`."""
+
+    ch: str
+    meta: Meta | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Read the body of the ``joined`` reply for ``ch`` (``fresh``: from the Store;
     otherwise the node may answer from its local mirror) and pass it to
@@ -186,8 +196,8 @@ class DeviceUsed:
     device: str
 
 
-Effect = (Send | Deliver | Fail | Close | Enter | Snapshot | Exit | PutMetas | QueryUsers
-          | Verify | DeviceUsed)
+Effect = (Send | Deliver | Fail | Close | Enter | Adopt | Snapshot | Exit | PutMetas
+          | QueryUsers | Verify | DeviceUsed)
 
 
 def num(value: float) -> int | float:
@@ -250,9 +260,12 @@ class Connection:
         return q.max_channels_paid if paid else q.max_channels_free
 
     def registered(self, user_connections: int, ref: int | None, node: str,
-                   ping_interval: float, max_frame: int) -> list[Effect]:
+                   ping_interval: float, max_frame: int,
+                   resume: tuple[str, float, bool | None] = ("", 0.0, None)) -> list[Effect]:
         """The node counted ``user_connections`` of this user (this one included):
-        the welcome, or the per-user limit and a close."""
+        the welcome, or the per-user limit and a close. ``resume`` is (this
+        connection's resume token, ``resume_ttl``, whether the hello's resume
+        succeeded: None when it asked none)."""
         limit = self.quotas.max_user_connections
         if user_connections > limit:
             self.closed = True
@@ -263,7 +276,10 @@ class Connection:
             "ping_interval": num(ping_interval),
             "limits": {"max_channels": self.max_channels(), "max_frame": max_frame},
             "exp": 0 if self.grants is None else self.grants.exp,
+            "resume": resume[0], "resume_ttl": num(resume[1]),
         }
+        if resume[2] is not None:
+            frame["resumed"] = resume[2]
         if ref is not None:
             frame["ref"] = ref
         return [Send(frame)]
@@ -341,6 +357,24 @@ class Connection:
             meta = new_meta(self.conn, self.current, ms)
         self.backlog[ch] = []
         return [Enter(ch, meta, before), Snapshot(ch, req.ref, fresh=True), *device]
+
+    def resumed(self, channels: Mapping[str, Meta | None]) -> list[Effect]:
+        """A resume adopted this connection with ``channels`` (channel -> its meta,
+        None for churn): one ``joined`` (``ref`` null) per channel, diffs held back
+        until each is written; a channel the token presented no longer grants is
+        left (``left`` with ``ref`` null, the others see the leave). The current patch
+        comes from the metas, so later joins inherit what the client had set."""
+        effects: list[Effect] = []
+        for ch, meta in channels.items():
+            if not self._granted(ch):  # the token presented no longer grants it
+                effects += [Exit(ch, meta is not None, not self.metas),
+                            Send({"t": "left", "ref": None, "ch": ch})]
+                continue
+            if meta is not None:
+                self.current = MetaPatch(meta.status, meta.device, meta.note)
+            self.backlog[ch] = []
+            effects += [Adopt(ch, meta), Snapshot(ch, None, fresh=True)]
+        return effects
 
     def entered(self, ch: str, meta: Meta | None) -> None:
         """:class:`Enter` succeeded: the connection is a member of ``ch``."""
@@ -424,10 +458,16 @@ class Connection:
     def failed(self, effect: Effect, error: PresenceError, now: float) -> list[Effect]:
         """``effect`` of the request being handled failed with ``error``: the error
         reply, and the request undone as far as the client can tell."""
+        if isinstance(effect, Adopt):
+            # A resumed channel that cannot be served here is left, as a refresh that
+            # takes a grant away would: the client is told, the others see the leave.
+            self.backlog.pop(effect.ch, None)
+            return [Exit(effect.ch, effect.meta is not None, not self.metas),
+                    Send({"t": "left", "ref": None, "ch": effect.ch})]
         if isinstance(effect, Verify):
             # A refresh whose token does not verify: the connection keeps its token.
             error = Forbidden(f"refresh refused: {error.message}")
-        if isinstance(effect, Enter | Snapshot):
+        if isinstance(effect, Enter | Adopt | Snapshot):
             # Nothing may pile up behind a joined reply that will not come. A failed
             # snapshot leaves the membership standing: a retried join answers it.
             self.backlog.pop(effect.ch, None)

@@ -23,6 +23,7 @@ MAX_USER_ID = 128
 class Hello:
     ref: int | None
     token: str | None
+    resume: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,5 +149,9 @@ def parse_request(frame: dict[str, Any]) -> Request:
             raise BadRequest("token must be a string", field="token")
         if token is not None:
             check_identifier(token, "token")
-        return Hello(ref, token)
+        resume = frame.get("resume")
+        if resume is not None and not isinstance(resume, str):
+            raise BadRequest("resume must be a string", field="resume")
+        # Any string: one of no known shape is an unknown token (resumed: false).
+        return Hello(ref, token, resume)
     raise BadRequest(f"unknown frame type {t[:32]!r}", field="t")

@@ -194,16 +194,20 @@ class BackendSettings:
 
 @dataclass(frozen=True, slots=True)
 class LifetimeSettings:
-    """How connections end: the drain on shutdown and its reconnect hints, token expiry."""
+    """How connections end: the drain on shutdown and its reconnect hints, token
+    expiry, the resume hold of lost connections."""
 
     drain_timeout: float = 10.0
     reconnect_jitter: float = 5.0
     # Seconds of grace on a token's exp (and nbf, iat) at hello, and before a
     # connection whose token expired without a refresh is closed with 4001.
     token_leeway: float = 5.0
+    # Seconds a lost connection's metas stay for the client to resume (0: off).
+    resume_ttl: float = 15.0
 
     def __post_init__(self) -> None:
-        _not_negative(self, "drain_timeout", "reconnect_jitter", "token_leeway")
+        _not_negative(self, "drain_timeout", "reconnect_jitter", "token_leeway",
+                      "resume_ttl")
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cluster.base import SWEEP_CLAIM_MS, Broker, Store, SweptMeta
+from cluster.base import SWEEP_CLAIM_MS, Adopted, Broker, Store, SweptMeta
 from cluster.memory import MemoryBroker, MemoryBus, MemoryStore
 from cluster.redis_broker import RedisBroker
 from cluster.redis_conn import RedisConfig
@@ -289,9 +289,11 @@ async def test_sweep_node_exactly_once(backend: Backend) -> None:
     pres = await s.channel_presence("team:a")
     assert list(pres) == ["u1"] and [m.conn for m in pres["u1"]] == ["l1"]
     assert await s.channel_presence("team:b") == {}
+    # A dead node's connections count as lost from its last lease refresh (1000).
+    assert {m.last_seen for m in winners[0]} == {1000}
     users = await s.user_presence(["u1", "u2"])
-    assert users["u1"].metas == (meta("l1"),) and users["u1"].last_seen == 20_000
-    assert users["u2"].metas == () and users["u2"].last_seen == 20_000
+    assert users["u1"].metas == (meta("l1"),) and users["u1"].last_seen == 1000
+    assert users["u2"].metas == () and users["u2"].last_seen == 1000
     # u1 keeps only its live connection
     assert await s.add_connection("live", "u1", "l2") == 2
 
@@ -366,7 +368,8 @@ async def test_unfinished_sweep_is_taken_over_with_the_same_metas(backend: Backe
     assert await s2.dead_nodes(now=later) == ["dead"]
     assert ordered(await s2.sweep_node("dead", now=later)) == expected
     users = await s2.user_presence(["u1", "u2"])
-    assert users["u1"].metas == () and users["u1"].last_seen == later
+    # last-seen: the dead node's last lease refresh, whichever sweeper finishes
+    assert users["u1"].metas == () and users["u1"].last_seen == 1000
     if backend.config is not None:
         # The late finish of the expired claim must not release the new one (the
         # memory store is one object: both "sweepers" are the same one there).
@@ -423,3 +426,70 @@ async def test_churn_snapshot_of_a_large_org(backend: Backend) -> None:
 async def test_healthy(backend: Backend) -> None:
     s = await backend.store()
     assert await s.healthy()
+
+
+# -- resume ------------------------------------------------------------------------
+async def test_resume_adopts_a_connection_once_with_its_channels(backend: Backend) -> None:
+    s, other = await backend.store(), await backend.store()
+    await s.refresh_lease("n1", 15, now=1000)
+    await other.refresh_lease("n2", 60, now=1000)
+    assert await s.add_connection("n1", "u1", "c1", "hash-1") == 1
+    await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1", "busy"), "team:b": meta("c1")})
+    await s.track_channel("n1", "u1", "c1", "churn:acme", True)
+    assert await other.resume("n2", "u1", "c1", "wrong", "hash-2") is None
+    assert await other.resume("n2", "u2", "c1", "hash-1", "hash-2") is None  # other user
+    adopted = await other.resume("n2", "u1", "c1", "hash-1", "hash-2")
+    assert adopted == Adopted("c1", {"churn:acme": None, "team:a": meta("c1", "busy"),
+                                     "team:b": meta("c1")})
+    assert await other.resume("n2", "u1", "c1", "hash-1", "hash-3") is None  # single use
+    # Nothing anyone sees changed.
+    assert (await s.channel_presence("team:a"))["u1"] == [meta("c1", "busy")]
+    # The old node no longer owns it: its writes leave it alone, its sweep does not see it.
+    assert await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1", "away", seq=9)}) == []
+    assert await s.remove_metas("n1", "u1", "c1", ["team:a"], 2000, True) == []
+    await s.remove_connection("n1", "u1", "c1")
+    assert (await s.channel_presence("team:a"))["u1"] == [meta("c1", "busy")]
+    assert await s.dead_nodes(now=20_000) == []  # n1 owns nothing any more
+    assert await s.sweep_node("n1", now=20_000) is None
+    assert (await s.user_presence(["u1"]))["u1"].metas != ()
+    # The new owner's writes go through; the newest hash resumes it again.
+    assert await other.put_metas("n2", "u1", "c1", {"team:a": meta("c1", "away", 2)}) == [
+        "team:a"]
+    again = await s.resume("n3", "u1", "c1", "hash-2", "hash-4")
+    assert again is not None and set(again.channels) == {"team:a", "team:b", "churn:acme"}
+    assert again.channels["team:a"] == meta("c1", "away", 2)
+
+
+async def test_resume_of_a_dead_node_connection_wins_over_its_sweep(backend: Backend) -> None:
+    s = await backend.store()
+    await s.refresh_lease("dead", 15, now=1000)
+    await s.add_connection("dead", "u1", "c1", "h1")
+    await s.add_connection("dead", "u2", "c2", "h2")
+    await s.put_metas("dead", "u1", "c1", {"team:a": meta("c1")})
+    await s.put_metas("dead", "u2", "c2", {"team:a": meta("c2")})
+    adopted = await s.resume("live", "u1", "c1", "h1", "h1b")
+    assert adopted is not None and list(adopted.channels) == ["team:a"]
+    await s.refresh_lease("live", 60, now=20_000)
+    swept = await s.sweep_node("dead", now=20_000)
+    assert swept == [SweptMeta("team:a", "u2", "c2")]  # not the resumed connection
+    assert swept[0].last_seen == 1000
+    await s.sweep_finish("dead")
+    pres = await s.channel_presence("team:a")
+    assert list(pres) == ["u1"] and pres["u1"] == [meta("c1")]
+    # A swept connection cannot be resumed any more.
+    assert await s.resume("live", "u2", "c2", "h2", "h2b") is None
+    assert await s.add_connection("live", "u1", "c9") == 2  # c1 counts, now on "live"
+
+
+async def test_a_clean_end_forgets_the_resume_hash(backend: Backend) -> None:
+    s = await backend.store()
+    await s.add_connection("n1", "u1", "c1", "h1")
+    await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1")})
+    assert await s.remove_metas("n1", "u1", "c1", ["team:a", "team:gone"], 5000, True) == [
+        "team:a", "team:gone"]  # removed now, or already gone: leaves to publish
+    await s.remove_connection("n1", "u1", "c1")
+    assert await s.resume("n2", "u1", "c1", "h1", "h2") is None
+    # Re-asserting a connection keeps its resume hash (an empty one changes nothing).
+    await s.add_connection("n1", "u1", "c2", "h9")
+    await s.add_connection("n1", "u1", "c2")
+    assert await s.resume("n2", "u1", "c2", "h9", "h10") is not None

@@ -64,7 +64,7 @@ async def connect(gw: GatewayHandle, user: str, device: str | None = None
         await c.join("team:w1")
     else:
         await c.join("team:w1", device=device)
-    await gw.node.engagement_flush()
+    await gw.node.feed.flush()
     return c
 
 
@@ -160,7 +160,7 @@ async def test_update_with_a_device_records_it(gateway: GatewayHandle,
     clock.at(0, 8, 5)
     await c.update(status="busy")  # no device: nothing recorded
     await c.update(device="tablet")
-    await gateway.node.engagement_flush()
+    await gateway.node.feed.flush()
     _, body = await engagement(http, gateway, "u1")
     assert body["users"]["u1"]["devices"] == ["tablet", "web"]
 
@@ -195,7 +195,7 @@ async def test_engagement_backend_down_never_breaks_a_connection(
     c = await connect(gateway, "u1", device="web")
     await c.update(device="mobile")
     assert await gateway.node.engagement_tick() == 1
-    await gateway.node.engagement_flush()
+    await gateway.node.feed.flush()
     assert (await c.ping())["t"] == "pong"
     status, body = await engagement(http, gateway, "u1")
     assert status == 503 and body["error"] == "overloaded"

@@ -129,11 +129,11 @@ async def test_connections_per_user(gateway_factory: GatewayFactory) -> None:
 async def test_overloaded_while_backend_down(gateway: GatewayHandle) -> None:
     a = await gateway.client("u1")
     await a.join("team:w1")
-    gateway.node.backend_ok = False  # what the health loop concludes when Redis is gone
+    gateway.node.health.force(False)  # what the health loop concludes when Redis is gone
     f = await expect_error(a.update(status="away"), "overloaded")
     assert f["retry_after"] > 0
     await expect_error(a.join("team:w2"), "overloaded")
-    gateway.node.backend_ok = True
+    gateway.node.health.force(True)
     await a.update(status="away")
 
 
@@ -145,10 +145,11 @@ class FaultyStore(MemoryStore):
             raise RuntimeError("injected fault")
         return await super().channel_presence(ch)
 
-    async def add_connection(self, node: str, user: str, conn: str) -> int:
+    async def add_connection(self, node: str, user: str, conn: str,
+                             resume_hash: str = "") -> int:
         if user == "crash":
             raise RuntimeError("injected fault")
-        return await super().add_connection(node, user, conn)
+        return await super().add_connection(node, user, conn, resume_hash)
 
 
 async def test_internal_error_and_1011(gateway_factory: GatewayFactory) -> None:
@@ -216,12 +217,14 @@ async def test_max_connections_1013(gateway_factory: GatewayFactory) -> None:
     assert code == 1013
 
 
-async def test_drain_closes_1012_and_publishes_leaves(gateway_factory: GatewayFactory) -> None:
+async def test_drain_closes_1012_and_publishes_leaves_with_resume_off(
+        gateway_factory: GatewayFactory) -> None:
+    # With resume on, a drain holds instead (tests/gateway/test_resume.py).
     from cluster.memory import MemoryBus
 
     bus, store = MemoryBus(), MemoryStore()
-    gw1 = await gateway_factory(broker=MemoryBroker(bus), store=store)
-    gw2 = await gateway_factory(broker=MemoryBroker(bus), store=store)
+    gw1 = await gateway_factory(broker=MemoryBroker(bus), store=store, resume_ttl=0.0)
+    gw2 = await gateway_factory(broker=MemoryBroker(bus), store=store, resume_ttl=0.0)
     leaving = await gw1.client("u1")
     staying = await gw2.client("u2")
     await leaving.join("team:w1")

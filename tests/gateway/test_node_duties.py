@@ -52,18 +52,18 @@ class FlakyStore(MemoryStore):
     fail_puts = 0
 
     async def remove_metas(self, node: str, user: str, conn: str, channels: Sequence[str],
-                           now: int, last: bool) -> None:
+                           now: int, last: bool) -> list[str]:
         if self.fail_removes > 0:
             self.fail_removes -= 1
             raise BackendUnavailable("injected: remove failed")
-        await super().remove_metas(node, user, conn, channels, now, last)
+        return await super().remove_metas(node, user, conn, channels, now, last)
 
     async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> None:
+                        metas: Mapping[str, Meta]) -> list[str]:
         if self.fail_puts > 0:
             self.fail_puts -= 1
             raise BackendUnavailable("injected: put failed")
-        await super().put_metas(node, user, conn, metas)
+        return await super().put_metas(node, user, conn, metas)
 
 
 async def test_every_joiner_waits_for_the_subscription_which_is_retried(

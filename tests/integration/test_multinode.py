@@ -29,7 +29,9 @@ async def spawn(redis_cluster: str) -> AsyncIterator[Spawn]:
     clients: list[PresenceClient] = []
 
     async def start(node_id: str, **env: str) -> GatewayProcess:
-        settings = {"PRESENCE_NODE_LEASE": str(LEASE), "PRESENCE_COALESCE_MS": "5",
+        # A dead node is swept within max(node_lease, resume_ttl): both LEASE here.
+        settings = {"PRESENCE_NODE_LEASE": str(LEASE), "PRESENCE_RESUME_TTL": str(LEASE),
+                    "PRESENCE_COALESCE_MS": "5",
                     "PRESENCE_DRAIN_TIMEOUT": "3", "PRESENCE_LOG_LEVEL": "warning"}
         settings.update(env)
         p = GatewayProcess(node_id, secret, settings, "--redis-cluster", redis_cluster)

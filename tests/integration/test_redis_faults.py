@@ -43,7 +43,8 @@ async def spawn(redis_cluster: str) -> AsyncIterator[Spawn]:
     procs: list[GatewayProcess] = []
 
     async def start(node_id: str) -> GatewayProcess:
-        env = {"PRESENCE_NODE_LEASE": str(LEASE), "PRESENCE_COALESCE_MS": "5",
+        env = {"PRESENCE_NODE_LEASE": str(LEASE), "PRESENCE_RESUME_TTL": str(LEASE),
+               "PRESENCE_COALESCE_MS": "5",
                "PRESENCE_DRAIN_TIMEOUT": "3", "PRESENCE_LOG_LEVEL": "warning"}
         p = GatewayProcess(node_id, secret, env, "--redis-cluster", redis_cluster)
         await p.start()

@@ -21,6 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from presence.codec import Format
 from presence.connection import (
+    Adopt,
     Close,
     Connection,
     Deliver,
@@ -36,7 +37,7 @@ from presence.connection import (
     Verify,
 )
 from presence.errors import CloseCode, Overloaded, Unauthorized
-from presence.meta import Meta, new_meta
+from presence.meta import Meta, MetaPatch, new_meta
 from presence.ratelimit import SlidingWindow
 from presence.settings import QuotaSettings
 
@@ -271,13 +272,16 @@ def test_hello_must_come_first() -> None:
 def test_user_connection_limit_welcome_or_close() -> None:
     core = Connection("c1", QUOTAS, 0.0)
     core.authenticated(Grants(tier="paid"), lambda: SlidingWindow(100, 60.0))
-    (welcome,) = core.registered(1, 7, "n1", 20.0, 4096)
+    (welcome,) = core.registered(1, 7, "n1", 20.0, 4096, ("tok", 15.0, True))
     assert isinstance(welcome, Send)
     assert welcome.frame == {"t": "welcome", "conn": "c1", "user": "u1", "node": "n1",
                              "ping_interval": 20, "ref": 7,
                              "limits": {"max_channels": QUOTAS.max_channels_paid,
                                         "max_frame": 4096},
-                             "exp": 2_000_000_000}
+                             "exp": 2_000_000_000, "resume": "tok", "resume_ttl": 15,
+                             "resumed": True}
+    (plain,) = core.registered(1, None, "n1", 20.0, 4096, ("tok", 0.0, None))
+    assert "resumed" not in plain.frame and plain.frame["resume_ttl"] == 0  # type: ignore[union-attr]
     fail, close = core.registered(QUOTAS.max_user_connections + 1, 7, "n1", 20.0, 4096)
     assert isinstance(fail, Fail) and fail.error.code == "limit_exceeded" and fail.ref == 7
     assert close == Close(CloseCode.POLICY_VIOLATION, "too many connections for this user")
@@ -313,3 +317,31 @@ def test_refresh_keeps_the_user_replaces_grants_and_moves_the_deadline() -> None
     failed = core.failed(verify, Unauthorized("invalid token"), 0.0)
     assert failed[0] == Fail(failed[0].error, 2)  # type: ignore[union-attr]
     assert failed[0].error.code == "forbidden"  # type: ignore[union-attr]
+
+
+
+def test_resumed_channels_come_back_as_joined_frames_and_set_the_current_patch() -> None:
+    core = Connection("c1", QUOTAS, 0.0)
+    core.authenticated(Grants(), lambda: SlidingWindow(100, 60.0))
+    meta = new_meta("c1", MetaPatch(status="busy", note="venue"), 5)
+    effects = core.resumed({"team:a": meta})
+    assert effects == [Adopt("team:a", meta), Snapshot("team:a", None, fresh=True)]
+    core.entered("team:a", meta)
+    assert core.hold("team:a", b"diff")  # held back until its joined frame
+    out = core.snapshot_ready("team:a", None, {"presence": {}})
+    assert out == [Send({"t": "joined", "ref": None, "ch": "team:a", "presence": {}}),
+                   Deliver(b"diff")]
+    assert core.current == MetaPatch(status="busy", device="unknown", note="venue")
+    # A channel that cannot be adopted here is left, and the client told so.
+    (churn,) = core.resumed({"churn:acme": None})[:1]
+    assert core.failed(churn, Overloaded("down"), 0.0) == [
+        Exit("churn:acme", False, False), Send({"t": "left", "ref": None, "ch": "churn:acme"})]
+
+
+def test_a_resumed_channel_the_token_no_longer_grants_is_left() -> None:
+    core = Connection("c1", QUOTAS, 0.0)
+    core.authenticated(Grants(channels=("team:a",)), lambda: SlidingWindow(100, 60.0))
+    meta = new_meta("c1", None, 5)
+    assert core.resumed({"team:b": meta}) == [
+        Exit("team:b", True, True), Send({"t": "left", "ref": None, "ch": "team:b"})]
+    assert core.backlog == {} and core.metas == {}

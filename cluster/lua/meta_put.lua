@@ -1,0 +1,12 @@
+-- Write one connection's meta in one channel, unless another node owns the entry (the
+-- connection was resumed there). Returns 1 when written, 0 when left alone.
+-- KEYS[1] presence:ch:{ch}:metas   hash user\0conn -> msgpack [user, node, meta]
+-- ARGV[1] field (user\0conn)
+-- ARGV[2] node
+-- ARGV[3] the new value, msgpack [user, node, meta]
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old and cmsgpack.unpack(old)[2] ~= ARGV[2] then
+    return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
