@@ -174,14 +174,20 @@ def start_gateway(
     redis_cluster: str | None = None,
     node_id: str | None = None,
     timeout: float = 20.0,
+    port: int | None = None,
+    admin_port: int | None = None,
+    log_path: Path | None = None,
 ) -> Gateway:
     """Start a gateway and wait until its public port accepts connections.
 
-    ``env`` adds ``PRESENCE_*`` settings (e.g. ``{"PRESENCE_COALESCE_MS": "0"}``). The
-    process log goes to ``loadtest/results/gateway-<port>.log.tmp``.
+    ``env`` adds ``PRESENCE_*`` settings (e.g. ``{"PRESENCE_COALESCE_MS": "0"}``). Ports
+    are free ones unless given (a restarted gateway keeps its ports). The process log
+    goes to ``log_path`` when given (appended to, so a restart keeps the earlier
+    lines), else to a fresh ``loadtest/results/gateway-<port>.log.tmp``.
     """
     secret = secret or secrets.token_hex(32)
-    port, admin_port = free_port(), free_port()
+    port = port or free_port()
+    admin_port = admin_port or free_port()
     cmd = [*_presence_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port),
            "--admin-port", str(admin_port)]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PRESENCE_")}
@@ -197,8 +203,9 @@ def start_gateway(
         cmd += ["--node-id", node_id]
     full_env.update(env or {})
     RESULTS.mkdir(exist_ok=True)
-    log_path = RESULTS / f"gateway-{port}.log.tmp"
-    with open(log_path, "wb") as log:
+    mode = "ab" if log_path else "wb"
+    log_path = log_path or RESULTS / f"gateway-{port}.log.tmp"
+    with open(log_path, mode) as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 cwd=ROOT)
     gw = Gateway(port, admin_port, secret, proc, log_path)
