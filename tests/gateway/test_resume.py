@@ -1,4 +1,6 @@
-"""Resume (PROTOCOL.md "Session lifetime", "Resume"), every rule, on the memory backend.
+"""Resume (PROTOCOL.md "Session lifetime", "Resume"), every rule, on the memory backend
+and on the real Redis Cluster (in-process gateways; tests/integration/test_resume_cluster.py
+has the same across real gateway processes).
 
 The resuming client is a raw WebSocket, so that the test controls exactly how each
 connection ends (a TCP abort, a close with 1000 or 1001) and what each hello carries;
@@ -17,11 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 
 from cluster.memory import MemoryBroker, MemoryBus, MemoryStore
+from cluster.redis_conn import RedisConfig
 from gateway.client import PresenceClient
+from tests.cluster.conftest import flush
 from tests.fixtures.servers import GatewayFactory, GatewayHandle
 
 TIMEOUT = 5.0
@@ -60,15 +65,27 @@ async def raw(gw: GatewayHandle, token: str, resume: str | None = None) -> Raw:
     return Raw(ws, welcome)
 
 
+@pytest.fixture(params=["memory", pytest.param("redis-cluster", marks=pytest.mark.redis)])
+def backend(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Gateway settings for the backend under test (the Redis Cluster emptied first)."""
+    if request.param == "memory":
+        return {}
+    nodes = request.getfixturevalue("redis_cluster")
+    flush(RedisConfig(cluster=nodes))
+    return {"redis_cluster": nodes, "backend": "redis"}
+
+
 @pytest_asyncio.fixture
-async def pair(gateway_factory: GatewayFactory) -> AsyncIterator[tuple[GatewayHandle, ...]]:
-    """Two gateways sharing one memory Store and bus (a cluster in one process)."""
+async def pair(gateway_factory: GatewayFactory,
+               backend: dict[str, Any]) -> AsyncIterator[tuple[GatewayHandle, ...]]:
+    """Two gateways sharing one backend (with memory: one Store and bus in-process)."""
     bus, store = MemoryBus(), MemoryStore()
     secret = secrets.token_urlsafe(32)  # one for both: a token of one is good on the other
     gws = []
     for _ in range(2):
-        gws.append(await gateway_factory(broker=MemoryBroker(bus), store=store,
-                                         jwt_secret=secret, resume_ttl=2.0, node_lease=2.0))
+        shared = backend or {"broker": MemoryBroker(bus), "store": store}
+        gws.append(await gateway_factory(**shared, jwt_secret=secret, resume_ttl=2.0,
+                                         node_lease=2.0))
     yield tuple(gws)
 
 
@@ -90,8 +107,9 @@ async def no_diff_then_update(watcher: PresenceClient, r: Raw, user: str) -> dic
     return dict(meta)
 
 
-async def test_welcome_carries_resume_fields(gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory()
+async def test_welcome_carries_resume_fields(gateway_factory: GatewayFactory,
+                                            backend: dict[str, Any]) -> None:
+    gw = await gateway_factory(**backend)
     r = await raw(gw, gw.token("u1"))
     w = r.welcome
     assert w["resume_ttl"] == 15 and "resumed" not in w
@@ -102,8 +120,8 @@ async def test_welcome_carries_resume_fields(gateway_factory: GatewayFactory) ->
 
 
 async def test_lost_connection_resumes_with_no_diff_and_its_snapshots(
-        gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory(resume_ttl=10.0)
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    gw = await gateway_factory(**backend, resume_ttl=10.0)
     watcher = await watcher_on(gw, "team:w1")
     r = await raw(gw, gw.token("u1", ["team:*", "churn:*"], role="csm"))
     joined = await r.request(t="join", ref=1, ch="team:w1",
@@ -132,8 +150,8 @@ async def test_lost_connection_resumes_with_no_diff_and_its_snapshots(
 
 
 async def test_a_resume_token_is_single_use_and_bound_to_its_user(
-        gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory(resume_ttl=10.0)
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    gw = await gateway_factory(**backend, resume_ttl=10.0)
     r = await raw(gw, gw.token("u1"))
     await r.request(t="join", ref=1, ch="team:w1")
     r.drop()
@@ -156,8 +174,8 @@ async def test_a_resume_token_is_single_use_and_bound_to_its_user(
 
 
 async def test_not_resumed_in_time_leaves_with_the_time_of_the_loss(
-        gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory(resume_ttl=1.0)
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    gw = await gateway_factory(**backend, resume_ttl=1.0)
     watcher = await watcher_on(gw, "team:w1")
     r = await raw(gw, gw.token("u1"))
     await r.request(t="join", ref=1, ch="team:w1")
@@ -176,8 +194,8 @@ async def test_not_resumed_in_time_leaves_with_the_time_of_the_loss(
 
 
 async def test_clean_ends_leave_at_once_and_1001_is_a_loss(
-        gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory(resume_ttl=30.0)
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    gw = await gateway_factory(**backend, resume_ttl=30.0)
     watcher = await watcher_on(gw, "team:w1")
     conns = {}
     for user in ("closes", "goes-away"):
@@ -224,8 +242,9 @@ async def test_drain_holds_and_the_client_resumes_on_another_gateway(
     await back.ws.close()
 
 
-async def test_resume_off_publishes_leaves_at_once(gateway_factory: GatewayFactory) -> None:
-    gw = await gateway_factory(resume_ttl=0.0)
+async def test_resume_off_publishes_leaves_at_once(gateway_factory: GatewayFactory,
+                                                   backend: dict[str, Any]) -> None:
+    gw = await gateway_factory(**backend, resume_ttl=0.0)
     watcher = await watcher_on(gw, "team:w1")
     r = await raw(gw, gw.token("u1"))
     assert r.welcome["resume_ttl"] == 0
