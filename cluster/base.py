@@ -42,6 +42,10 @@ class UserPresence:
     last_seen: int | None
 
 
+ChurnStep = Callable[[Mapping[str, ChurnRecord]], Sequence[ChurnRecord]]
+"""Current records of some suppliers -> the records to store instead (pure, no I/O)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SweptMeta:
     """A meta removed from a channel because its node died. ``last_seen``: the node's
@@ -240,6 +244,17 @@ class Store(Protocol):
 
     async def churn_put(self, org: str, records: Sequence[ChurnRecord]) -> None:
         """Store the latest record of each supplier (replacing the previous one)."""
+        ...
+
+    async def churn_update(self, org: str, suppliers: Sequence[str],
+                           step: ChurnStep) -> dict[str, ChurnRecord]:
+        """Replace the records of ``suppliers`` atomically: ``step`` gets the current
+        record of each of them that has one and returns the records to store (only of
+        ``suppliers``; the last one of a supplier wins). No other write of these
+        suppliers lands between that read and this write: when one did, ``step`` runs
+        again on a fresh read (bounded; :class:`BackendUnavailable` past the bound).
+        An exception from ``step`` stores nothing and propagates. Returns the records
+        ``step`` was last given."""
         ...
 
     async def churn_snapshot(self, org: str, limit: int) -> list[ChurnRecord]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from cluster.base import (
     SWEEP_CLAIM_MS,
     Adopted,
+    ChurnStep,
     GapHandler,
     MessageHandler,
     SweptMeta,
@@ -338,6 +339,20 @@ class MemoryStore:
         recs = self._churn.setdefault(org, {})
         for r in records:
             recs[r.supplier] = r
+
+    async def churn_update(self, org: str, suppliers: Sequence[str],
+                           step: ChurnStep) -> dict[str, ChurnRecord]:
+        # Atomic by construction: no await between the read and the write.
+        recs = self._churn.setdefault(org, {})
+        wanted = set(suppliers)
+        current = {s: recs[s] for s in suppliers if s in recs}
+        records = step(current)
+        strays = {r.supplier for r in records} - wanted
+        if strays:
+            raise ValueError(f"churn_update: records of suppliers not read: {sorted(strays)}")
+        for r in records:
+            recs[r.supplier] = r
+        return current
 
     async def churn_snapshot(self, org: str, limit: int) -> list[ChurnRecord]:
         return snapshot_order(list(self._churn.get(org, {}).values()), limit)

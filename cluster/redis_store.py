@@ -43,7 +43,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cluster import keys
-from cluster.base import SWEEP_CLAIM_MS, Adopted, SweptMeta, UserPresence
+from cluster.base import (
+    SWEEP_CLAIM_MS,
+    Adopted,
+    BackendUnavailable,
+    ChurnStep,
+    SweptMeta,
+    UserPresence,
+)
 from cluster.redis_batch import Command, WriteBatcher
 from cluster.redis_conn import RedisConfig, Topology, script, text
 from presence.churn import ChurnRecord, snapshot_order
@@ -52,6 +59,9 @@ from presence.engagement import DAY_MS
 from presence.meta import Meta
 
 CHURN_CHUNK = 1000
+CHURN_SWAP_ATTEMPTS = 20
+"""Read-compute-swap rounds of one churn_update before it gives up (each lost round
+means another writer of the same suppliers succeeded: progress is always made)."""
 OWNED_CHUNK = 1000
 
 CONN_ADD = script("conn_add")
@@ -68,6 +78,7 @@ SWEEP_CLAIM = script("sweep_claim")
 SWEEP_DONE = script("sweep_done")
 REGISTRY_PRUNE = script("registry_prune")
 CHURN_PUT = script("churn_put")
+CHURN_SWAP = script("churn_swap")
 CHURN_SNAPSHOT = script("churn_snapshot")
 
 
@@ -453,6 +464,33 @@ class RedisStore:
                 args += [r.supplier, repr(float(r.score)), pack(r.to_store())]
             await self.redis.eval(CHURN_PUT, [keys.churn_records(org), keys.churn_scores(org)],
                                   args)
+
+    async def churn_update(self, org: str, suppliers: Sequence[str],
+                           step: ChurnStep) -> dict[str, ChurnRecord]:
+        # Optimistic: read the raw records, let ``step`` compute in Python, and write
+        # with a compare-and-set script that refuses if any record read has changed
+        # (one script call, so one org's records and scores change together).
+        names = list(dict.fromkeys(suppliers))
+        wanted = set(names)
+        rk, sk = keys.churn_records(org), keys.churn_scores(org)
+        for _ in range(CHURN_SWAP_ATTEMPTS):
+            raw = await self.redis.command("HMGET", rk, *names) if names else []
+            current = {s: ChurnRecord.from_wire(unpack(v))
+                       for s, v in zip(names, raw, strict=True) if v is not None}
+            records = {r.supplier: r for r in step(current)}
+            strays = set(records) - wanted
+            if strays:
+                raise ValueError(f"churn_update: records of suppliers not read: "
+                                 f"{sorted(strays)}")
+            args: list[Any] = [len(names)]
+            for s, v in zip(names, raw, strict=True):
+                args += [s, b"" if v is None else v]
+            for r in records.values():
+                args += [r.supplier, repr(float(r.score)), pack(r.to_store())]
+            if int(await self.redis.eval(CHURN_SWAP, [rk, sk], args)):
+                return current
+        raise BackendUnavailable(f"churn records of {org} kept changing: "
+                                 f"{CHURN_SWAP_ATTEMPTS} attempts lost")
 
     async def churn_snapshot(self, org: str, limit: int) -> list[ChurnRecord]:
         if limit <= 0:

@@ -1,9 +1,14 @@
 """``POST /v1/churn``: churn-risk scores in, ``churn`` events out (PROTOCOL.md).
 
-:func:`ingest_churn` is the whole effect of one validated request: read the previous
-record of every supplier, compute each new record and whether it is worth publishing
-(:func:`presence.churn.next_record`), store the new records, then publish ONE broker
-message on ``churn:<org>`` holding the records worth publishing.
+:func:`ingest_churn` is the whole effect of one validated request: in ONE atomic
+read-modify-write of the Store (``Store.churn_update``), read the previous record of
+every supplier, compute each new record and whether it is worth publishing
+(:func:`presence.churn_ingest.plan_ingest`) and store the new records; then publish ONE
+broker message on ``churn:<org>`` holding the records worth publishing. Two concurrent
+posts for one supplier therefore never both start from the same previous record: the
+Store runs the second one's computation again on the first one's result, so the
+publication baseline is never lost and nothing is published that the Store does not
+hold.
 
 Which score "moved by at least ``churn_min_delta``" is measured from: the last
 *published* score of the supplier, not the last stored one. Measured from the last
@@ -25,7 +30,8 @@ service could store but not publish or send in a snapshot would poison the org's
 channel (issue 10), so such a request is refused with nothing stored. If the
 publication fails, the published suppliers' previous records are put back, so that
 retrying the same body publishes them again (a supplier seen for the first time stays
-stored: the Store has no delete).
+stored: the Store has no delete). That undo is atomic too and only touches a record
+that is still the one this request stored: a later post's record is never undone.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -41,8 +47,8 @@ from aiohttp import web
 from cluster.base import BackendUnavailable, Broker, Store
 from gateway.auth import INGEST_ROLES
 from gateway.http import json_response, read_body, require_role
-from presence.churn import ChurnRecord, next_record
-from presence.churn_ingest import IngestRequest, parse_ingest
+from presence.churn import ChurnRecord
+from presence.churn_ingest import IngestPlan, IngestRequest, parse_ingest, plan_ingest
 from presence.codec import Format, encode
 from presence.errors import BadRequest
 from presence.messages import encode_churn
@@ -100,35 +106,34 @@ async def ingest_churn(
     reached (nothing is published then; see the module docstring for what is kept).
     """
     suppliers = [s.supplier for s in req.scores]
-    previous = await store.churn_get(req.org, suppliers)
-    records: list[ChurnRecord] = []
-    published: list[ChurnRecord] = []
-    for s in req.scores:
-        record, publish = next_record(
-            previous.get(s.supplier),
-            s.supplier,
-            s.score,
-            s.factors,
-            s.model,
-            now,
-            settings.churn.churn_thresholds,
-            settings.churn.churn_min_delta,
-        )
-        records.append(record)
-        if publish:
-            published.append(record)
-    check_encodable(req.channel, records, now)
-    payload = encode_churn(published, now) if published else b""
-    await store.churn_put(req.org, records)
+    plan: IngestPlan | None = None
+    payload = b""
+
+    def step(previous: Mapping[str, ChurnRecord]) -> Sequence[ChurnRecord]:
+        # Runs inside the Store's atomic update, again if another writer got in.
+        nonlocal plan, payload
+        plan = plan_ingest(req, previous, now, settings.churn.churn_thresholds,
+                           settings.churn.churn_min_delta)
+        check_encodable(req.channel, plan.records, now)
+        payload = encode_churn(list(plan.published), now) if plan.published else b""
+        return plan.records
+
+    previous = await store.churn_update(req.org, suppliers, step)
+    assert plan is not None
+    records, published = plan.records, plan.published
     if published:
         try:
             await broker.publish([(req.channel, payload)])
         except BackendUnavailable:
-            restore = [previous[r.supplier] for r in published if r.supplier in previous]
-            if restore:
+            ours = {r.supplier: r for r in published if r.supplier in previous}
+
+            def undo(current: Mapping[str, ChurnRecord]) -> Sequence[ChurnRecord]:
+                return [previous[s] for s, r in ours.items() if current.get(s) == r]
+
+            if ours:
                 # The publication's error is the one to report.
                 with contextlib.suppress(BackendUnavailable):
-                    await store.churn_put(req.org, restore)
+                    await store.churn_update(req.org, list(ours), undo)
             raise
     n = len(records)
     return {"accepted": n, "published": len(published), "unchanged": n - len(published)}

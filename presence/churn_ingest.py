@@ -19,6 +19,11 @@ ids are non-empty strings of at most 128 characters, unique within the request;
 default empty) maps at most 32 names of 1..64 characters to finite numbers; ``model``
 (optional, default ``"unknown"``) is a string of 1..32 characters. Unknown fields are
 ignored, as in the WebSocket protocol.
+
+:func:`plan_ingest` is the rest of the domain rule: given the stored records of the
+request's suppliers, the records to store and those worth publishing. It is pure, so
+the Store can run it inside its atomic read-modify-write (``Store.churn_update``) and
+run it again when another writer got in between.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from presence.channels import CHURN_PREFIX, validate_channel
+from presence.churn import DEFAULT_THRESHOLDS, ChurnRecord, next_record
 from presence.errors import BadRequest
 from presence.text import check_identifier
 
@@ -167,3 +173,32 @@ def parse_ingest(body: object) -> IngestRequest:
         seen.add(item.supplier)
         scores.append(item)
     return IngestRequest(org, tuple(scores))
+
+
+@dataclass(frozen=True, slots=True)
+class IngestPlan:
+    """What one request does given the stored records: every new record (request
+    order) and the subset worth publishing."""
+
+    records: tuple[ChurnRecord, ...]
+    published: tuple[ChurnRecord, ...]
+
+
+def plan_ingest(
+    req: IngestRequest,
+    previous: Mapping[str, ChurnRecord],
+    now: int,
+    thresholds: tuple[float, float, float] = DEFAULT_THRESHOLDS,
+    min_delta: float = 0.05,
+) -> IngestPlan:
+    """The records to store for ``req`` over ``previous`` (supplier -> stored record,
+    absent when none) and those to publish (:func:`presence.churn.next_record`)."""
+    records: list[ChurnRecord] = []
+    published: list[ChurnRecord] = []
+    for s in req.scores:
+        record, publish = next_record(previous.get(s.supplier), s.supplier, s.score,
+                                      s.factors, s.model, now, thresholds, min_delta)
+        records.append(record)
+        if publish:
+            published.append(record)
+    return IngestPlan(tuple(records), tuple(published))
