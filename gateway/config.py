@@ -7,6 +7,11 @@ TOML file a setting is given by its plain name at the top level (``max_frame = 8
 or inside its group's table (``[transport]``); ``[autoscale]`` is a table. Text values
 are cast to the setting's type here; the domain's dataclasses then validate them. A
 bad or unknown setting raises :class:`~presence.settings.SettingsError` naming it.
+
+Webhooks are the one list of tables: ``[[webhooks]]`` entries (``url``, ``secret``,
+``events``) in the file, or a single hook from ``PRESENCE_WEBHOOK_URL`` and
+``PRESENCE_WEBHOOK_SECRET`` (all events), which replaces the file's list as any
+environment variable replaces the file's value.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from presence.settings import (
     PeakWindow,
     Settings,
     SettingsError,
+    WebhookTarget,
 )
 
 ENV_PREFIX = "PRESENCE_"
@@ -83,6 +89,8 @@ def _cast(name: str, tp: Any, value: Any) -> Any:
         item_tp = typing.get_args(tp)[0]
         if item_tp is PeakWindow:
             return tuple(_build(PeakWindow, v, f"{name}[]") for v in value)
+        if item_tp is WebhookTarget:
+            return tuple(_webhook(name, i, v) for i, v in enumerate(value))
         if item_tp in (int, float, str):
             return tuple(_cast(name, item_tp, v) for v in value)
     if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
@@ -107,6 +115,39 @@ def _build(cls: Any, values: Any, prefix: str) -> Any:
         return cls(**kwargs)
     except TypeError as exc:
         raise SettingsError(f"{prefix}: {exc}") from None
+
+
+def _webhook(name: str, index: int, value: Any) -> WebhookTarget:
+    """One ``[[webhooks]]`` entry; its errors name its position in the list."""
+    if isinstance(value, WebhookTarget):
+        return value
+    where = f"{name}[{index}]"
+    try:
+        target: WebhookTarget = _build(WebhookTarget, value, where)
+    except SettingsError as exc:
+        message = str(exc)
+        raise SettingsError(message if where in message else f"{where}: {message}") from None
+    return target
+
+
+def _env_webhook(env: Mapping[str, str]) -> tuple[WebhookTarget, ...] | None:
+    """The hook of ``PRESENCE_WEBHOOK_URL`` + ``PRESENCE_WEBHOOK_SECRET`` (all events),
+    or None when neither is set; one without the other is an error. An empty value
+    counts as unset (manifests often template a variable to "")."""
+    url = env.get(ENV_PREFIX + "WEBHOOK_URL", "")
+    secret = env.get(ENV_PREFIX + "WEBHOOK_SECRET", "")
+    if not url and not secret:
+        return None
+    if not secret:
+        raise SettingsError(
+            "PRESENCE_WEBHOOK_URL is set without PRESENCE_WEBHOOK_SECRET (set both or neither)")
+    if not url:
+        raise SettingsError(
+            "PRESENCE_WEBHOOK_SECRET is set without PRESENCE_WEBHOOK_URL (set both or neither)")
+    try:
+        return (WebhookTarget(url, secret),)
+    except SettingsError as exc:
+        raise SettingsError(f"PRESENCE_WEBHOOK_URL: {exc}") from None
 
 
 def _flatten(table: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -140,8 +181,14 @@ def _env_values(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]
         name = key[len(ENV_PREFIX):].lower()
         if name.startswith("autoscale_") and name[len("autoscale_"):] in sub:
             auto[name[len("autoscale_"):]] = value
+        elif name == "webhooks":
+            raise SettingsError("webhooks cannot be a PRESENCE_WEBHOOKS variable; set "
+                                "PRESENCE_WEBHOOK_URL and PRESENCE_WEBHOOK_SECRET")
         elif name in GROUP_OF and name != "autoscale":
             plain[name] = value
+    hook = _env_webhook(env)
+    if hook is not None:
+        plain["webhooks"] = hook
     return plain, auto
 
 

@@ -1,12 +1,12 @@
 """Typed settings with visible defaults: frozen dataclasses by concern.
 
 :class:`Settings` groups the knobs of a gateway process by concern (``auth``,
-``transport``, ``quotas``, ``backend``, ``lifetime``, ``churn``, ``autoscale``). Every
-value is checked on construction; a bad one, or one that cannot be honoured, raises
-:class:`SettingsError` naming the setting. Setting names are unique across the groups,
-so a setting is known by its plain name too (``max_frame``, ``PRESENCE_MAX_FRAME``):
-:meth:`Settings.of` builds from plain names. Reading files and the environment is
-the gateway's job (gateway/config.py); nothing here does I/O.
+``transport``, ``quotas``, ``backend``, ``lifetime``, ``churn``, ``hooks``,
+``autoscale``). Every value is checked on construction; a bad one, or one that cannot
+be honoured, raises :class:`SettingsError` naming the setting. Setting names are unique
+across the groups, so a setting is known by its plain name too (``max_frame``,
+``PRESENCE_MAX_FRAME``): :meth:`Settings.of` builds from plain names. Reading files and
+the environment is the gateway's job (gateway/config.py); nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 
 class SettingsError(ValueError):
@@ -225,6 +226,57 @@ class ChurnSettings:
             raise SettingsError("churn_min_delta must lie in [0, 1]")
 
 
+WEBHOOK_EVENT_TYPES = ("user.online", "user.offline", "channel.occupied", "channel.vacated")
+"""Every event type a webhook can subscribe to (PROTOCOL.md "Webhooks")."""
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookTarget:
+    """One operator-configured endpoint: events are POSTed to ``url``, signed with
+    ``secret``; ``events`` lists the types it gets, empty for all of them."""
+
+    url: str
+    secret: str = field(repr=False)  # repr() of the settings must not print it
+    events: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            parts = urlsplit(self.url)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018  (raises on a port out of range)
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise SettingsError(f"webhook url must be an http or https URL, got {self.url!r}")
+        if not isinstance(self.secret, str) or not self.secret:
+            raise SettingsError("webhook secret must not be empty")
+        for kind in self.events:
+            if kind not in WEBHOOK_EVENT_TYPES:
+                raise SettingsError(
+                    f"webhook events must be among {', '.join(WEBHOOK_EVENT_TYPES)}, "
+                    f"got {kind!r}")
+
+    def wants(self, kind: str) -> bool:
+        """Whether events of type ``kind`` go to this endpoint."""
+        return not self.events or kind in self.events
+
+
+@dataclass(frozen=True, slots=True)
+class HookSettings:
+    """Webhooks (PROTOCOL.md "Webhooks (operator-configured)"): the endpoints and how
+    long an event is retried before it is dropped."""
+
+    webhooks: tuple[WebhookTarget, ...] = ()
+    # Seconds from an event's first delivery attempt until it is given up.
+    webhook_retry_for: float = 600.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "webhook_retry_for")
+        for target in self.webhooks:
+            if not isinstance(target, WebhookTarget):
+                raise SettingsError(f"webhooks entries must be tables, got {target!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Every knob of a gateway process, by concern. Defaults follow PROTOCOL.md."""
@@ -238,6 +290,7 @@ class Settings:
     backend: BackendSettings = field(default_factory=BackendSettings)
     lifetime: LifetimeSettings = field(default_factory=LifetimeSettings)
     churn: ChurnSettings = field(default_factory=ChurnSettings)
+    hooks: HookSettings = field(default_factory=HookSettings)
     autoscale: AutoscaleSettings = field(default_factory=AutoscaleSettings)
 
     def __post_init__(self) -> None:
@@ -267,12 +320,13 @@ class Settings:
         return dataclasses.replace(self, **top)
 
 
-GROUPS = ("auth", "transport", "quotas", "backend", "lifetime", "churn")  # order of docs
+GROUPS = ("auth", "transport", "quotas", "backend", "lifetime", "churn", "hooks")  # docs order
 """The groups whose settings are known by their plain names."""
 
 _GROUP_TYPES: dict[str, type] = {
     "auth": AuthSettings, "transport": TransportSettings, "quotas": QuotaSettings,
     "backend": BackendSettings, "lifetime": LifetimeSettings, "churn": ChurnSettings,
+    "hooks": HookSettings,
 }
 
 GROUP_OF: dict[str, str] = {

@@ -15,6 +15,7 @@ from presence.settings import (
     PeakWindow,
     Settings,
     SettingsError,
+    WebhookTarget,
 )
 
 
@@ -241,3 +242,96 @@ def test_the_example_file_loads() -> None:
     s = load_settings(example, env={})
     assert (s.transport.host, s.quotas.requests_burst) == ("0.0.0.0", 40)
     assert s.autoscale.freeze_weekdays == (5,)
+
+
+def test_webhooks_from_the_file(tmp_path: Path) -> None:
+    cfg = write(tmp_path, """
+webhook_retry_for = 30
+
+[[webhooks]]
+url = "https://hooks.example.com/presence"
+secret = "s1"
+events = ["user.online", "user.offline"]
+
+[[webhooks]]
+url = "http://127.0.0.1:8080/hook"
+secret = "s2"
+""")
+    s = load_settings(cfg, env={})
+    assert s.hooks.webhooks == (
+        WebhookTarget("https://hooks.example.com/presence", "s1", ("user.online", "user.offline")),
+        WebhookTarget("http://127.0.0.1:8080/hook", "s2"),
+    )
+    assert s.hooks.webhook_retry_for == 30.0
+    assert s.hooks.webhooks[0].wants("user.online")
+    assert not s.hooks.webhooks[0].wants("channel.vacated")
+    assert s.hooks.webhooks[1].wants("channel.vacated")  # no events: all of them
+    # The group table works too, and the environment sets the retry window.
+    grouped = write(tmp_path, """
+[hooks]
+webhook_retry_for = 5
+
+[[hooks.webhooks]]
+url = "http://127.0.0.1:8080/hook"
+secret = "s"
+""")
+    s = load_settings(grouped, env={"PRESENCE_WEBHOOK_RETRY_FOR": "7.5"})
+    assert s.hooks.webhooks == (WebhookTarget("http://127.0.0.1:8080/hook", "s"),)
+    assert s.hooks.webhook_retry_for == 7.5
+    assert Settings().hooks.webhooks == () and Settings().hooks.webhook_retry_for == 600.0
+
+
+def test_the_secret_is_not_in_the_repr() -> None:
+    assert "hunter2" not in repr(Settings.of(webhooks=(WebhookTarget("http://h/", "hunter2"),)))
+
+
+def test_one_webhook_from_the_environment(tmp_path: Path) -> None:
+    env = {"PRESENCE_WEBHOOK_URL": "https://h.example/p", "PRESENCE_WEBHOOK_SECRET": "k"}
+    assert load_settings(env=env).hooks.webhooks == (WebhookTarget("https://h.example/p", "k"),)
+    # Later sources win: the environment's hook replaces the file's list.
+    cfg = write(tmp_path, '[[webhooks]]\nurl = "http://a/"\nsecret = "s"\n')
+    assert load_settings(cfg, env=env).hooks.webhooks == (
+        WebhookTarget("https://h.example/p", "k"),)
+    # Empty values are unset: the file's list stays.
+    blank = {"PRESENCE_WEBHOOK_URL": "", "PRESENCE_WEBHOOK_SECRET": ""}
+    assert load_settings(cfg, env=blank).hooks.webhooks == (WebhookTarget("http://a/", "s"),)
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"PRESENCE_WEBHOOK_URL": "http://h/"}, "PRESENCE_WEBHOOK_SECRET"),
+        ({"PRESENCE_WEBHOOK_SECRET": "k"}, "PRESENCE_WEBHOOK_URL"),
+        ({"PRESENCE_WEBHOOK_URL": "ftp://h/", "PRESENCE_WEBHOOK_SECRET": "k"},
+         "PRESENCE_WEBHOOK_URL"),
+        ({"PRESENCE_WEBHOOKS": "http://h/"}, "PRESENCE_WEBHOOK_URL"),
+        ({"PRESENCE_WEBHOOK_RETRY_FOR": "0"}, "webhook_retry_for"),
+        ({"PRESENCE_WEBHOOK_RETRY_FOR": "nan"}, "webhook_retry_for"),
+        ({"PRESENCE_WEBHOOK_RETRY_FOR": "soon"}, "webhook_retry_for"),
+    ],
+)
+def test_bad_webhook_environment_names_the_setting(env: dict[str, str], name: str) -> None:
+    assert name in settings_error(env=env)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ('url = "ftp://h/"\nsecret = "s"', "webhooks[0]: webhook url"),
+        ('url = "not a url"\nsecret = "s"', "webhooks[0]: webhook url"),
+        ('url = "http://h:99999/"\nsecret = "s"', "webhooks[0]: webhook url"),
+        ('url = "http://h/"\nsecret = ""', "webhooks[0]: webhook secret"),
+        ('url = "http://h/"', "webhooks[0]"),
+        ('url = "http://h/"\nsecret = "s"\nevents = ["user.away"]', "webhooks[0]: webhook events"),
+        ('url = "http://h/"\nsecret = "s"\nname = "x"', "unknown setting webhooks[0].name"),
+        ('url = "http://h/"\nsecret = "s"\nevents = 3', "webhooks[0].events must be a list"),
+    ],
+)
+def test_bad_webhook_entries_name_the_setting(tmp_path: Path, entry: str, message: str) -> None:
+    assert message in settings_error(config_file=write(tmp_path, f"[[webhooks]]\n{entry}\n"),
+                                     env={})
+
+
+@pytest.mark.parametrize("text", ['webhooks = "http://h/"', "webhooks = [1]"])
+def test_webhooks_must_be_a_list_of_tables(tmp_path: Path, text: str) -> None:
+    assert "webhooks" in settings_error(config_file=write(tmp_path, text), env={})
