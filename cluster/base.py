@@ -11,7 +11,7 @@ Times are integers in milliseconds since the epoch and are passed in by the call
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,9 +53,25 @@ class SweptMeta:
     sweep's ``now`` when the Store does not know it."""
 
     ch: str
+    """The channel; "" for a connection that held no meta (reported for ``offline``)."""
     user: str
     conn: str
     last_seen: int = field(default=0, compare=False)
+    vacated: bool = field(default=False, compare=False)
+    """This removal left ``ch`` with no member (``channel.vacated``)."""
+    offline: bool = field(default=False, compare=False)
+    """The user has no connection left in the cluster (``user.offline``): set on one
+    entry of each such user."""
+
+
+class Written(list[str]):
+    """The channels a write touched, and ``changed``: those of them whose occupancy it
+    changed (a first member arrived: ``channel.occupied``; or the last one left:
+    ``channel.vacated``)."""
+
+    def __init__(self, channels: Iterable[str] = (), changed: Iterable[str] = ()) -> None:
+        super().__init__(channels)
+        self.changed = list(changed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +150,10 @@ class Store(Protocol):
         the connection's resume token) replaces the one kept for :meth:`resume`."""
         ...
 
-    async def remove_connection(self, node: str, user: str, conn: str) -> None:
+    async def remove_connection(self, node: str, user: str, conn: str) -> int | None:
         """Forget a connection of ``node`` and its resume hash; unknown ones, and a
-        connection now owned by another node (resumed there), are left alone."""
+        connection now owned by another node (resumed there), are left alone (None).
+        Returns the user's connections left in the cluster (0: ``user.offline``)."""
         ...
 
     async def track_channel(self, node: str, user: str, conn: str, ch: str,
@@ -157,22 +174,24 @@ class Store(Protocol):
 
     # -- presence metas ----------------------------------------------------------
     async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> list[str]:
+                        metas: Mapping[str, Meta]) -> Written:
         """Store ``conn``'s meta in each channel of ``metas`` (channel -> meta), replacing
         what was there; the user's index then shows the last of them for ``conn``.
         A channel entry owned by another node (the connection was resumed there) is
-        left alone: returns the channels written."""
+        left alone: returns the channels written, ``changed`` those that had no
+        member before (decided atomically: one writer sees it)."""
         ...
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
-    ) -> list[str]:
+    ) -> Written:
         """Remove ``conn``'s meta from ``channels``. With ``last`` (the connection has no
         presence channel left), drop it from the user's index and set the user's
         last-seen to ``now`` (kept ``last_seen_days``). An entry owned by another node
         (resumed there) is left alone, and so is everything else of the connection:
         returns the channels whose leave is to be published (removed now, or already
-        gone: a leave published twice is harmless)."""
+        gone: a leave published twice is harmless), ``changed`` those this removal
+        left with no member."""
         ...
 
     async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:

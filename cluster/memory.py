@@ -20,6 +20,7 @@ from cluster.base import (
     MessageHandler,
     SweptMeta,
     UserPresence,
+    Written,
 )
 from presence.churn import ChurnRecord, snapshot_order
 from presence.engagement import DAY_MS
@@ -141,21 +142,25 @@ class MemoryStore:
                 self._resume[(user, conn)] = resume_hash
         return len(conns)
 
-    async def remove_connection(self, node: str, user: str, conn: str) -> None:
-        if self._foreign(node, conn):
-            return
-        self._forget_connection(node, user, conn)
+    async def remove_connection(self, node: str, user: str, conn: str) -> int | None:
+        if self._foreign(node, conn) or conn not in self._conn_node:
+            return None
+        return self._forget_connection(node, user, conn)
 
-    def _forget_connection(self, node: str, user: str, conn: str) -> None:
+    def _forget_connection(self, node: str, user: str, conn: str) -> int:
+        """Forget ``conn``; the user's connections left."""
+        left = 0
         conns = self._user_conns.get(user)
         if conns is not None:
             conns.discard(conn)
+            left = len(conns)
             if not conns:
                 del self._user_conns[user]
         self._node_conns.get(node, set()).discard((user, conn))
         self._conn_node.pop(conn, None)
         self._resume.pop((user, conn), None)
         self._churn_joined.pop(conn, None)
+        return left
 
     async def track_channel(self, node: str, user: str, conn: str, ch: str,
                             joined: bool) -> None:
@@ -194,15 +199,17 @@ class MemoryStore:
 
     # -- metas -------------------------------------------------------------------
     async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> list[str]:
+                        metas: Mapping[str, Meta]) -> Written:
         if self._foreign(node, conn):
-            return []
+            return Written()
         owned = self._node_metas.setdefault(node, set())
-        written: list[str] = []
+        written = Written()
         for ch, meta in metas.items():
             key = (ch, user, conn)
             if self._owner.get(key, node) != node:
                 continue
+            if ch not in self._channels:
+                written.changed.append(ch)
             self._channels.setdefault(ch, ChannelState()).put(user, meta)
             self._owner[key] = node
             owned.add(key)
@@ -213,12 +220,13 @@ class MemoryStore:
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
-    ) -> list[str]:
+    ) -> Written:
         if self._foreign(node, conn):
-            return []
-        gone = [ch for ch in channels if self._owner.get((ch, user, conn), node) == node]
+            return Written()
+        gone = Written(ch for ch in channels if self._owner.get((ch, user, conn), node) == node)
         for ch in gone:
-            self._remove_one(ch, user, conn)
+            if self._remove_one(ch, user, conn) and ch not in self._channels:
+                gone.changed.append(ch)
         if last:
             self._drop_from_index(user, conn)
             self._set_last_seen(user, now)
@@ -308,14 +316,23 @@ class MemoryStore:
             return None
         swept = set() if claim is None else claim.metas
         seen = self._refreshed.get(node, now)
-        for ch, user, conn in keys:
+        removed: list[SweptMeta] = []
+        for ch, user, conn in sorted(keys):
             if self._owner.get((ch, user, conn), node) != node:
                 continue  # resumed on another node: not ours to remove
             self._remove_one(ch, user, conn)
-            swept.add(SweptMeta(ch, user, conn, seen))
+            removed.append(SweptMeta(ch, user, conn, seen, vacated=ch not in self._channels))
+        offline: set[str] = set()
         for user, conn in conns:
-            if not self._foreign(node, conn):
-                self._forget_connection(node, user, conn)
+            if not self._foreign(node, conn) and not self._forget_connection(node, user, conn):
+                offline.add(user)
+        for m in removed:  # the flag on one entry per user that went offline
+            swept.add(SweptMeta(m.ch, m.user, m.conn, seen, m.vacated, m.user in offline))
+            offline.discard(m.user)
+        for user, conn in sorted(conns):
+            if user in offline:  # offline with no meta to carry the flag
+                swept.add(SweptMeta("", user, conn, seen, offline=True))
+                offline.discard(user)
         for user, conn in {(s.user, s.conn) for s in swept} | conns:
             if not self._foreign(node, conn):
                 self._drop_from_index(user, conn)

@@ -50,6 +50,7 @@ from cluster.base import (
     ChurnStep,
     SweptMeta,
     UserPresence,
+    Written,
 )
 from cluster.redis_batch import Command, WriteBatcher
 from cluster.redis_conn import RedisConfig, Topology, script, text
@@ -177,12 +178,13 @@ class RedisStore:
         return int(await self._one(user_key, *CONN_ADD.call(
             [user_key, keys.user_resume(user)], [conn, node, resume_hash])))
 
-    async def remove_connection(self, node: str, user: str, conn: str) -> None:
+    async def remove_connection(self, node: str, user: str, conn: str) -> int | None:
         user_key = keys.user_conns(user)
-        await self._one(user_key, *CONN_REMOVE.call(
-            [user_key, keys.user_resume(user), keys.user_channels(user, conn)], [conn, node]))
+        left = int(await self._one(user_key, *CONN_REMOVE.call(
+            [user_key, keys.user_resume(user), keys.user_channels(user, conn)], [conn, node])))
         await self._one(keys.node_conns(node), "SREM", keys.node_conns(node),
                         pack([user, conn]))
+        return None if left < 0 else left
 
     async def track_channel(self, node: str, user: str, conn: str, ch: str,
                             joined: bool) -> None:
@@ -225,9 +227,9 @@ class RedisStore:
 
     # -- metas -------------------------------------------------------------------
     async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> list[str]:
+                        metas: Mapping[str, Meta]) -> Written:
         if not metas:
-            return []
+            return Written()
         async with self._exclusive(node, user, conn):
             known = self._owned.setdefault(node, set())
             owned = [k for k in (pack([ch, user, conn]) for ch in metas) if k not in known]
@@ -251,14 +253,15 @@ class RedisStore:
                          keys.user_channels(user, conn)]
             writes.append((user_keys[0], USER_PUT.call(
                 user_keys, [conn, node, pack(last.to_wire()), *channels])))
-            done = await self._run(writes)
-            return [ch for ch, ok in zip(channels, done, strict=False) if int(ok) == 1]
+            done = [int(r) for r in await self._run(writes)]
+            return Written((ch for ch, r in zip(channels, done, strict=False) if r > 0),
+                           (ch for ch, r in zip(channels, done, strict=False) if r == 2))
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool
-    ) -> list[str]:
+    ) -> Written:
         if not channels and not last:
-            return []
+            return Written()
         async with self._exclusive(node, user, conn):
             field = keys.meta_field(user, conn)
             writes: list[Command] = []
@@ -269,7 +272,7 @@ class RedisStore:
                          keys.user_channels(user, conn)]
             writes.append((user_keys[0], USER_LEAVE.call(user_keys, [
                 conn, now, self.last_seen_ms, node, 1 if last else 0, *channels])))
-            done = await self._run(writes)
+            done = [int(r) for r in await self._run(writes)]
             if channels:
                 # Ownership last, for the same reason as in put_metas (an entry another
                 # node adopted is not ours either way).
@@ -277,7 +280,8 @@ class RedisStore:
                 owner_key = keys.node_metas(node)
                 await self._run([(owner_key, ("SREM", owner_key, *owned))])
                 self._owned.get(node, set()).difference_update(owned)
-            return [ch for ch, r in zip(channels, done, strict=False) if int(r) >= 0]
+            return Written((ch for ch, r in zip(channels, done, strict=False) if r >= 0),
+                           (ch for ch, r in zip(channels, done, strict=False) if r == 2))
 
     async def channel_presence(self, ch: str) -> dict[str, list[Meta]]:
         raw = await self.redis.command("HGETALL", keys.channel_metas(ch))
@@ -411,21 +415,35 @@ class RedisStore:
             (keys.channel_metas(m.ch), META_REMOVE.call(
                 [keys.channel_metas(m.ch)], [keys.meta_field(m.user, m.conn), node]))
             for m in claimed])
-        swept = [m for m, r in zip(claimed, removed, strict=True) if int(r) >= 0]
+        swept = [SweptMeta(m.ch, m.user, m.conn, seen, vacated=int(r) == 2)
+                 for m, r in zip(claimed, removed, strict=True) if int(r) >= 0]
         by_user: dict[str, set[str]] = {}
         for m in swept:
             by_user.setdefault(m.user, set()).add(m.conn)
         for user, conn in conns:
             by_user.setdefault(user, set()).add(conn)
         writes: list[Command] = []
-        for user, user_conns in sorted(by_user.items()):
-            ordered = sorted(user_conns)
+        users = sorted(by_user)
+        for user in users:
+            ordered = sorted(by_user[user])
             user_keys = [keys.user_conns(user), keys.user_index(user), keys.user_seen(user),
                          keys.user_resume(user),
                          *(keys.user_channels(user, c) for c in ordered)]
             writes.append((user_keys[0], USER_SWEEP.call(
                 user_keys, [seen, self.last_seen_ms, node, *ordered])))
-        await self._run(writes)
+        results = await self._run(writes)
+        # user.offline: a user whose connections were forgotten and none is left; the
+        # flag goes on one of the user's entries (one with no channel if it has none).
+        offline = {u for u, (forgot, left) in zip(users, results, strict=True)
+                   if int(forgot) > 0 and int(left) == 0}
+        for i, m in enumerate(swept):
+            if m.user in offline:
+                swept[i] = SweptMeta(m.ch, m.user, m.conn, seen, m.vacated, offline=True)
+                offline.discard(m.user)
+        for user, conn in sorted(conns):
+            if user in offline:
+                swept.append(SweptMeta("", user, conn, seen, offline=True))
+                offline.discard(user)
         self._claims[node] = _Claim(
             f"{token}:{now + SWEEP_CLAIM_MS}", None if score is None else float(score)
         )

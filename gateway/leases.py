@@ -25,7 +25,8 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from cluster.base import Store
+from cluster.base import Store, SweptMeta
+from gateway.metrics import Metrics
 from gateway.ports import now_ms
 from presence.messages import encode_leave
 
@@ -47,13 +48,15 @@ class Leases:
         connections: Callable[[], int],
         clock_ms: Callable[[], int] = now_ms,
         hold: float = 0.0,
-        swept: Callable[[int], None] = lambda n: None,
+        swept: Callable[[list[SweptMeta]], None] = lambda swept: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.owner = owner
         self.lease = lease
         self.hold = hold
-        self.swept = swept  # told how many metas each sweep removed (a metric)
+        self.swept = swept  # told what each sweep removed (webhook events)
+        self.metrics = metrics
         self.publish = publish
         self.reassert_all = reassert_all
         self.connections = connections
@@ -125,9 +128,11 @@ class Leases:
             if swept is None:
                 continue
             await self.publish([(s.ch, encode_leave(s.user, s.conn, s.last_seen or now, now))
-                                for s in swept])
+                                for s in swept if s.ch])
             await self.store.sweep_finish(node)
-            self.swept(len(swept))
+            if self.metrics is not None:
+                self.metrics.leaves.labels("node_died").inc(len({s.conn for s in swept if s.ch}))
+            self.swept(swept)
             count += len(swept)
             log.info("node_swept", dead_node=node, metas=len(swept))
         return count

@@ -45,6 +45,7 @@ from gateway.reassert import reassert_all, reassert_channel
 from gateway.repair import GapRepair
 from gateway.stats import NodeStats, cluster_figures
 from gateway.subscriptions import Subscriptions
+from gateway.transitions import Transitions
 from gateway.writes import RetryQueue, retrying
 from presence.channels import is_churn
 from presence.errors import Overloaded
@@ -84,12 +85,14 @@ class Node:
         self.repair = GapRepair(store, self.hub, self._reassert_channel)
         # Lost connections are held for resume_ttl, on this node or, once it is gone,
         # by its lease: the lease lives at least that long (gateway/holds.py).
+        # Webhook events of presence transitions (gateway/transitions.py).
+        self.transitions = Transitions(self.owner, now_ms, None)
         self.holds = Holds(settings.lifetime.resume_ttl, lambda cid, held: self._forget(
             held.user, cid, held.channels, "lost", held.lost_at), self.background, self.metrics)
         self.leases = Leases(store, self.owner, settings.backend.node_lease, self.publish,
                              self.reassert_all, self.connection_count,
                              hold=settings.lifetime.resume_ttl,
-                             swept=self.metrics.leaves.labels("node_died").inc)
+                             swept=self.transitions.swept, metrics=self.metrics)
         self.health = Health(self._probe, settings.backend.ready_grace, self.metrics,
                              self._recovered)
         self.writes = RetryQueue()
@@ -153,11 +156,13 @@ class Node:
     def connection_count(self) -> int:
         return len(self.sessions)
 
-    async def register(self, conn: LocalConnection, resume_hash: str) -> int:
+    async def register(self, conn: LocalConnection, resume_hash: str, resumed: bool) -> int:
         count = await self._retrying(
             lambda: self.store.add_connection(self.owner, conn.user, conn.conn, resume_hash))
         self.sessions.add(conn)
         self.metrics.connections.set(len(self.sessions))
+        if count == 1 and not resumed:  # the user's first live connection in the cluster
+            self.transitions.online(conn.user)
         return count
 
     async def unregister(self, conn: LocalConnection, channels: Sequence[str],
@@ -177,7 +182,8 @@ class Node:
         async def forget() -> None:
             if await self.drop_presence(user, cid, presence, True, last_seen):
                 self.metrics.leaves.labels(cause).inc()
-            await self.store.remove_connection(self.owner, user, cid)
+            if await self.store.remove_connection(self.owner, user, cid) == 0:
+                self.transitions.offline(user, last_seen, cause)
 
         await self.writes.attempt((cid, ""), forget)
 
@@ -185,7 +191,7 @@ class Node:
         return await self.holds.resume(self.store, self.owner, user, token)
 
     async def enter(self, ch: str, member: LocalConnection, meta: Meta | None) -> None:
-        self.writes.cancel((member.conn, ch))  # an older leave must not remove this join
+        await self.writes.settle((member.conn, ch))  # an owed leave first, never dropped
         await self.subscriptions.join(ch, member)
         if meta is None:
             if is_churn(ch):  # remembered for a resume (presence: by the metas)
@@ -218,6 +224,7 @@ class Node:
         conn = next(iter(metas.values())).conn
         written = await self._retrying(
             lambda: self.store.put_metas(self.owner, user, conn, metas))
+        self.transitions.occupied(*written.changed)
         ts = now_ms()
         await self._retrying(
             lambda: self.publish([(ch, encode_join(user, metas[ch], ts)) for ch in written]))
@@ -231,6 +238,7 @@ class Node:
         ts = now_ms()
         seen = ts if last_seen is None else last_seen
         gone = await self.store.remove_metas(self.owner, user, conn, channels, seen, last)
+        self.transitions.vacated(*gone.changed)
         await self.publish([(ch, encode_leave(user, conn, seen, ts)) for ch in gone])
         return gone
 
@@ -270,12 +278,6 @@ class Node:
         await self.writes.run_now()
 
     # -- figures and engagement ----------------------------------------------------
-    def count_in(self, nbytes: int) -> None:
-        self.stats.count_in(nbytes)
-
-    def count_out(self, frames: int, nbytes: int) -> None:
-        self.stats.count_out(frames, nbytes)
-
     def local_stats(self) -> dict[str, Any]:
         """Figures of this node for ``/admin/stats`` and the autoscaler's sampler."""
         return {

@@ -71,7 +71,7 @@ class Outbound:
     def send(self, frame: dict[str, Any]) -> None:
         data = encode(frame, self.fmt)
         self.write_frame(data)
-        self.node.count_out(1, len(data))
+        self.node.stats.count_out(1, len(data))
 
     def close_soon(self, code: int, reason: str) -> None:
         """Stop writing and close in the background (never blocks the caller)."""

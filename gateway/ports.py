@@ -24,6 +24,7 @@ from gateway.auth import Authenticator
 from gateway.engagement_feed import EngagementFeed
 from gateway.hub import Member
 from gateway.metrics import Metrics
+from gateway.stats import NodeStats
 from presence.meta import Meta
 from presence.ratelimit import SlidingWindow
 from presence.settings import Settings
@@ -69,6 +70,8 @@ class NodeServices(Protocol):
     node_id: str
     metrics: Metrics
     auth: Authenticator
+    stats: NodeStats
+    """Traffic figures: ``stats.count_in(nbytes)``, ``stats.count_out(frames, nbytes)``."""
     feed: EngagementFeed
     """Engagement signals: ``feed.opened(user)`` after a welcome, ``feed.device(user,
     device)`` when a join or update names a device."""
@@ -90,13 +93,6 @@ class NodeServices(Protocol):
         """Run a short task (a close, say), keeping a reference until it ends."""
         ...
 
-    def count_in(self, nbytes: int) -> None:
-        """Account one inbound frame of ``nbytes``."""
-        ...
-
-    def count_out(self, frames: int, nbytes: int) -> None:
-        """Account ``frames`` outbound frames totalling ``nbytes``."""
-        ...
 
     def check_backend(self) -> None:
         """Raise :class:`~presence.errors.Overloaded` while the backend is known down."""
@@ -107,10 +103,11 @@ class NodeServices(Protocol):
         connections."""
         ...
 
-    async def register(self, conn: LocalConnection, resume_hash: str) -> int:
+    async def register(self, conn: LocalConnection, resume_hash: str, resumed: bool) -> int:
         """Record an authenticated connection (Store and local set) with the hash of its
-        resume token; return the user's connection count across the cluster, this one
-        included. On an exception nothing is registered."""
+        resume token (``resumed``: it was adopted by a resume, not new); return the
+        user's connection count across the cluster, this one included. On an
+        exception nothing is registered."""
         ...
 
     async def unregister(self, conn: LocalConnection, channels: Sequence[str],

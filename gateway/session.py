@@ -91,7 +91,7 @@ class Session(Outbound):
             if not await self._authenticate():
                 return
             async for message in self.ws:
-                node.count_in(len(message))
+                node.stats.count_in(len(message))
                 if not self.closing:
                     await self._execute(
                         self.core.receive(message, self.fmt, time.monotonic(), now_ms()))
@@ -118,7 +118,7 @@ class Session(Outbound):
         except TimeoutError:
             await self._refuse(CloseCode.UNAUTHORIZED, "no hello in time")
             return False
-        self.node.count_in(len(message))
+        self.node.stats.count_in(len(message))
         try:
             hello = Connection.hello(message, self.fmt)
             header = self.ws.request.headers.get("Authorization") if self.ws.request else None
@@ -143,7 +143,7 @@ class Session(Outbound):
             self.conn = self.core.conn = adopted.conn
         else:
             token = new_token(self.conn)[0]
-        count = await self.node.register(self, token_hash(token))
+        count = await self.node.register(self, token_hash(token), adopted is not None)
         self.registered = True
         t, lifetime = self.settings.transport, self.settings.lifetime
         resumed = None if hello.resume is None else adopted is not None
@@ -255,7 +255,7 @@ class Session(Outbound):
             self.send(effect.frame)
         elif isinstance(effect, pc.Deliver):  # held back during the join
             self.write_frame(effect.data)
-            node.count_out(1, len(effect.data))
+            node.stats.count_out(1, len(effect.data))
         elif isinstance(effect, pc.Fail):
             self._error(effect.error, effect.ref)
         elif isinstance(effect, pc.Close):

@@ -154,7 +154,7 @@ async def settle(run: Run, tasks: list[asyncio.Task[None]]) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         seen = sum(len({u for d in c.diffs for u in d["joins"]}) for c in run.clients)
-        if seen >= len(run.clients) * (TEAM - 1) / 2 * 0.99:
+        if seen >= len(run.clients) * (TEAM - 1) / 2:
             break
         await asyncio.sleep(0.2)  # polling a figure of many clients
     await asyncio.sleep(0.5)  # the last diffs in flight
@@ -207,8 +207,11 @@ async def one_run(mode: str, n: int, gateways: int, base_port: int) -> dict[str,
         await asyncio.sleep(1.0)  # diffs a flap would cause arrive within the coalescing
         resumed = {c.user for c in run.clients if c.results and all(c.results)}
         times = sorted(t for c in run.clients for t in c.back)
-        seen = sum(1 for c in run.clients for d in c.diffs
-                   if resumed & (set(d["joins"]) | set(d["leaves"])))
+        flaps = [(c.user, d) for c in run.clients for d in c.diffs
+                 if resumed & (set(d["joins"]) | set(d["leaves"]))]
+        for user, d in flaps[:3]:  # what a flap looked like, to find where it came from
+            print(f"  diff seen by {user}: {orjson.dumps(d).decode()[:300]}", flush=True)
+        seen = len(flaps)
         figures.update({
             "clients": n, "resumed": len(resumed),
             "not_resumed": sum(1 for c in run.clients if c.results and not all(c.results)),

@@ -1,5 +1,6 @@
 -- Write one connection's meta in one channel, unless another node owns the entry (the
--- connection was resumed there). Returns 1 when written, 0 when left alone.
+-- connection was resumed there). Returns 1 when written, 2 when written into a
+-- channel that had no member (channel.occupied), 0 when left alone.
 -- KEYS[1] presence:ch:{ch}:metas   hash user\0conn -> msgpack [user, node, meta]
 -- ARGV[1] field (user\0conn)
 -- ARGV[2] node
@@ -9,4 +10,7 @@ if old and cmsgpack.unpack(old)[2] ~= ARGV[2] then
     return 0
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+if not old and redis.call('HLEN', KEYS[1]) == 1 then
+    return 2
+end
 return 1

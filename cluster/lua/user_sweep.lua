@@ -1,5 +1,6 @@
 -- Forget connections of a user that lived on a swept (dead) node, and set last-seen.
--- A connection recorded as another node's (resumed there) is left alone.
+-- A connection recorded as another node's (resumed there) is left alone. Returns
+-- {connections forgotten, the user's connections left}.
 -- KEYS[1] presence:user:{u}:conns   hash conn -> node
 -- KEYS[2] presence:user:{u}:index   hash conn -> msgpack meta
 -- KEYS[3] presence:user:{u}:seen    last-seen ms
@@ -23,4 +24,4 @@ end
 if forgot > 0 then
     redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 end
-return forgot
+return {forgot, redis.call('HLEN', KEYS[1])}

@@ -493,3 +493,52 @@ async def test_a_clean_end_forgets_the_resume_hash(backend: Backend) -> None:
     await s.add_connection("n1", "u1", "c2", "h9")
     await s.add_connection("n1", "u1", "c2")
     assert await s.resume("n2", "u1", "c2", "h9", "h10") is not None
+
+
+# -- transitions (webhook events) ------------------------------------------------------
+async def test_occupancy_and_offline_are_decided_once(backend: Backend) -> None:
+    s, t = await backend.store(), await backend.store()
+    assert await s.add_connection("n1", "u1", "c1") == 1
+    assert await t.add_connection("n2", "u1", "c2") == 2
+    first = await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1"), "team:b": meta("c1")})
+    assert first == ["team:a", "team:b"] and first.changed == ["team:a", "team:b"]
+    second = await t.put_metas("n2", "u1", "c2", {"team:a": meta("c2")})
+    assert second == ["team:a"] and second.changed == []
+    assert (await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1", seq=2)})).changed == []
+    gone = await s.remove_metas("n1", "u1", "c1", ["team:a", "team:b"], 5000, True)
+    assert gone == ["team:a", "team:b"] and gone.changed == ["team:b"]
+    assert (await t.remove_metas("n2", "u1", "c2", ["team:a"], 6000, True)).changed == [
+        "team:a"]
+    assert await s.remove_connection("n1", "u1", "c1") == 1
+    assert await t.remove_connection("n2", "u1", "c2") == 0  # offline
+    assert await t.remove_connection("n2", "u1", "c2") is None  # unknown: no second event
+    # Many first members at once: one of them sees the channel occupied.
+    stores = [await backend.store() for _ in range(4)]
+    results = await asyncio.gather(*(
+        st.put_metas(f"n{i}", f"v{i}", f"k{i}", {"team:race": meta(f"k{i}")})
+        for i, st in enumerate(stores)))
+    assert sum(len(r.changed) for r in results) == 1
+
+
+async def test_a_sweep_says_which_channels_emptied_and_who_went_offline(
+        backend: Backend) -> None:
+    s = await backend.store()
+    await s.refresh_lease("dead", 15, now=1000)
+    await s.refresh_lease("live", 60, now=1000)
+    await s.add_connection("dead", "alone", "d1")
+    await s.put_metas("dead", "alone", "d1", {"team:x": meta("d1"), "team:y": meta("d1")})
+    await s.add_connection("dead", "twice", "d2")
+    await s.put_metas("dead", "twice", "d2", {"team:y": meta("d2")})
+    await s.add_connection("live", "twice", "l2")
+    await s.put_metas("live", "twice", "l2", {"team:y": meta("l2")})
+    await s.add_connection("dead", "idle", "d3")  # connected, in no presence channel
+    swept = await s.sweep_node("dead", now=20_000)
+    assert swept is not None
+    by = {(m.ch, m.user): m for m in swept}
+    assert set(by) == {("team:x", "alone"), ("team:y", "alone"), ("team:y", "twice"),
+                       ("", "idle")}
+    assert by[("team:x", "alone")].vacated and not by[("team:y", "alone")].vacated
+    assert {m.user for m in swept if m.offline} == {"alone", "idle"}
+    assert sum(m.offline for m in swept if m.user == "alone") == 1
+    assert not any(m.offline for m in swept if m.user == "twice")
+    assert all(m.last_seen == 1000 for m in swept)
