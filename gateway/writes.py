@@ -85,6 +85,23 @@ class RetryQueue:
         """Forget the write queued under ``key``, if any."""
         self._pending.pop(key, None)
 
+    async def settle(self, key: Key) -> None:
+        """Run the write queued under ``key`` now, if any, and forget it once done;
+        if it fails it stays queued and its error is raised.
+
+        What a new write about the same key needs first: a connection that left a
+        channel while the Store was failing, and joins it again, must have its old
+        meta removed and the leave published BEFORE the new join. Dropping the queued
+        leave instead would leave every other member holding the old meta, whose
+        higher ``seq`` then shadows the new join's forever.
+        """
+        write = self._pending.get(key)
+        if write is None:
+            return
+        await write()
+        if self._pending.get(key) is write:
+            del self._pending[key]
+
     def kick(self) -> None:
         """Retry now rather than after the current backoff."""
         self._wake.set()
