@@ -16,6 +16,11 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0,
 )
 
+WEBHOOK_RESULTS = ("ok", "retried", "dropped")
+"""``result`` of ``presence_webhook_deliveries_total``, counted per event: acknowledged
+by a 2xx, in an attempt that failed and will be retried, or given up (retried for
+``webhook_retry_for``, pushed out of a full queue, or still queued at shutdown)."""
+
 
 def close_label(code: int | None) -> str:
     """The ``code`` label of a close: the number of a known code, ``none`` when the
@@ -30,7 +35,9 @@ class Metrics:
 
     Label values are bounded sets chosen by the server, never by a client: close codes
     through :meth:`count_close`, protocol error codes (``PresenceError.code``), rate
-    limit kinds, broker directions (``in``/``out``), autoscaling reasons.
+    limit kinds, broker directions (``in``/``out``), autoscaling reasons, webhook
+    endpoints by their position in the configured list (``0``, ``1``, ...) and
+    :data:`WEBHOOK_RESULTS`.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -109,6 +116,26 @@ class Metrics:
         self.desired_reason = Gauge(
             "presence_autoscaler_decision_info",
             "1 for the reason of the current autoscaling decision", ["reason"], registry=r,
+        )
+
+        self.webhook_queued = Gauge(
+            "presence_webhook_queued_events",
+            "Webhook events waiting or in flight, per endpoint", ["endpoint"], registry=r,
+        )
+        self.webhook_oldest_age = Gauge(
+            "presence_webhook_oldest_event_age_seconds",
+            "Time since the oldest queued webhook event was queued, per endpoint (0 when none)",
+            ["endpoint"], registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "presence_webhook_deliveries_total",
+            "Webhook events by delivery result (ok, retried, dropped), per endpoint",
+            ["endpoint", "result"], registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "presence_webhook_delivery_seconds",
+            "From an event's time (its at) to its acknowledgement by the endpoint",
+            ["endpoint"], buckets=(*LATENCY_BUCKETS, 30.0, 60.0, 300.0), registry=r,
         )
 
     def count_close(self, code: int | None) -> None:
