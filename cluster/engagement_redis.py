@@ -26,18 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster import keys
 from cluster.redis_conn import RedisConfig, Topology, script, text
-from presence.engagement import (
-    DAY_MS,
-    MAX_DEVICES,
-    RETENTION_DAYS,
-    WINDOW_DAYS,
-    RawEngagement,
-    day_key,
-    expire_at_ms,
-    minute_index,
-    normalize_device,
-    window_days,
-)
+from presence import engagement as eng
 
 __all__ = ["CHUNK", "DEVICE_SCRIPT", "RedisEngagement"]
 
@@ -63,16 +52,16 @@ class RedisEngagement:
         await self.redis.close()
 
     async def record_session(self, user: str, now: int) -> None:
-        day = day_key(now)
+        day = eng.day_key(now)
         key = keys.user_sessions(user, day)
         pipe = self.redis.pipeline()
         pipe.execute_command("INCR", key)
-        pipe.execute_command("PEXPIREAT", key, expire_at_ms(day))
+        pipe.execute_command("PEXPIREAT", key, eng.expire_at_ms(day))
         await self.redis.run(pipe)
 
     async def mark_online(self, users: Sequence[str], now: int) -> None:
-        day, minute = day_key(now), minute_index(now)
-        expire = expire_at_ms(day)
+        day, minute = eng.day_key(now), eng.minute_index(now)
+        expire = eng.expire_at_ms(day)
         unique = list(dict.fromkeys(users))
         for i in range(0, len(unique), CHUNK):
             pipe = self.redis.pipeline()
@@ -83,19 +72,19 @@ class RedisEngagement:
             await self.redis.run(pipe)
 
     async def record_device(self, user: str, device: str, now: int) -> None:
-        name = normalize_device(device)
+        name = eng.normalize_device(device)
         if name is None:
             return
-        expire = now + RETENTION_DAYS * DAY_MS
+        expire = now + eng.RETENTION_DAYS * eng.DAY_MS
         await self.redis.eval(DEVICE_SCRIPT, [keys.user_devices(user)],
-                              [name, now, MAX_DEVICES, expire])
+                              [name, now, eng.MAX_DEVICES, expire])
 
     async def engagement(
-        self, users: Sequence[str], now: int, days: int = WINDOW_DAYS
-    ) -> dict[str, RawEngagement]:
-        window = window_days(now, days)
+        self, users: Sequence[str], now: int, days: int = eng.WINDOW_DAYS
+    ) -> dict[str, eng.RawEngagement]:
+        window = eng.window_days(now, days)
         unique = list(dict.fromkeys(users))
-        out: dict[str, RawEngagement] = {}
+        out: dict[str, eng.RawEngagement] = {}
         # Per user: one MGET of the session counters (one slot), one BITCOUNT per
         # day, one HGETALL; chunked so that a pipeline stays a few thousand commands.
         per_user = 2 + len(window)
@@ -112,7 +101,7 @@ class RedisEngagement:
             for n, user in enumerate(chunk):
                 part = replies[n * per_user : (n + 1) * per_user]
                 counts, bits, devices = part[0], part[1:-1], part[-1]
-                out[user] = RawEngagement(
+                out[user] = eng.RawEngagement(
                     online_minutes={d: int(b) for d, b in zip(window, bits, strict=True) if b},
                     sessions={
                         d: int(c) for d, c in zip(window, counts, strict=True) if c is not None

@@ -40,13 +40,13 @@ import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
 from cluster.base import BackendUnavailable, Broker, Store
 from gateway.auth import INGEST_ROLES
-from gateway.http import json_response, read_body, require_role
+from gateway.http import RouteNode, json_response, read_body, require_role
 from presence.churn import ChurnRecord
 from presence.churn_ingest import IngestPlan, IngestRequest, parse_ingest, plan_ingest
 from presence.codec import Format, encode
@@ -54,7 +54,7 @@ from presence.errors import BadRequest
 from presence.messages import encode_churn
 from presence.settings import Settings
 
-__all__ = ["BODY_TIMEOUT", "MAX_BODY", "ChurnNode", "add_churn_routes", "ingest_churn"]
+__all__ = ["BODY_TIMEOUT", "MAX_BODY", "add_churn_routes", "ingest_churn"]
 
 MAX_BODY = 1024 * 1024
 """Largest accepted request body, in bytes (1,000 records with 32 factors fit easily)."""
@@ -62,19 +62,6 @@ MAX_BODY = 1024 * 1024
 BODY_TIMEOUT = 10.0
 """Seconds the whole body may take to arrive once its headers have (else 408): 1 MiB
 at 100 KiB/s. A trickled body would otherwise hold a handler and a socket for good."""
-
-
-class ChurnNode(Protocol):
-    """What the route needs of the gateway node."""
-
-    @property
-    def store(self) -> Store: ...
-
-    @property
-    def broker(self) -> Broker: ...
-
-    @property
-    def settings(self) -> Settings: ...
 
 
 def check_encodable(channel: str, records: Sequence[ChurnRecord], now: int) -> None:
@@ -147,7 +134,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def add_churn_routes(app: web.Application, node: ChurnNode) -> None:
+def add_churn_routes(app: web.Application, node: RouteNode) -> None:
     """Register ``POST /v1/churn`` (service or admin token) on the admin ``app``.
 
     Replies: 200 with the counts of :func:`ingest_churn`; 400

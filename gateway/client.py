@@ -423,25 +423,13 @@ class ResumingClient:
         self._refresher: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(
-        cls,
-        url: str,
-        token: str | None = None,
-        fmt: str | Format = Format.JSON,
-        *,
-        token_provider: TokenProvider | None = None,
-        backoff: Backoff | None = None,
-        refresh_at: float = 0.8,
-        timeout: float = 5.0,
-        max_attempts: int | None = None,
-        **kwargs: Any,
-    ) -> ResumingClient:
+    async def connect(cls, url: str, token: str | None = None,
+                      fmt: str | Format = Format.JSON, **options: Any) -> ResumingClient:
         """Connect once (raising as :meth:`PresenceClient.connect` does) and start
-        watching the connection. Without ``token`` the ``token_provider`` gives one."""
-        client = cls(url, token, fmt, token_provider=token_provider, backoff=backoff,
-                     refresh_at=refresh_at, timeout=timeout, max_attempts=max_attempts,
-                     **kwargs)
-        if client.token is None and token_provider is not None:
+        watching the connection; ``options`` are the constructor's keyword arguments.
+        Without ``token`` the ``token_provider`` gives one."""
+        client = cls(url, token, fmt, **options)
+        if client.token is None and client.token_provider is not None:
             client.token = await client._fetch_token()
         link = await client._open(None)
         client._adopt(link)
@@ -818,26 +806,24 @@ class ResumingClient:
         """Wait until ``count`` reconnections have completed (default: one more than
         now) and return that one. Raises ConnectionError if the client closes first."""
         want = len(self.reconnects) + 1 if count is None else count
-        async with asyncio.timeout(timeout):
-            while len(self.reconnects) < want:
-                if self.status == "closed":
-                    raise ConnectionError(
-                        f"closed ({self.close_code} {self.close_reason}) before reconnecting")
-                self._changed.clear()
-                await self._changed.wait()
+        await self._until(lambda: len(self.reconnects) >= want, "reconnecting", timeout)
         return self.reconnects[want - 1]
 
     async def wait_refreshed(self, count: int, timeout: float = 10.0) -> dict[str, Any]:
         """Wait until ``count`` automatic or manual refreshes have succeeded; the
         ``refreshed`` frame of the last one counted."""
+        await self._until(lambda: len(self.refreshes) >= count, "refreshing", timeout)
+        return self.refreshes[count - 1]
+
+    async def _until(self, done: Callable[[], bool], what: str, timeout: float) -> None:
+        """Wait until ``done()``; ConnectionError if the client closes first."""
         async with asyncio.timeout(timeout):
-            while len(self.refreshes) < count:
+            while not done():
                 if self.status == "closed":
                     raise ConnectionError(
-                        f"closed ({self.close_code} {self.close_reason}) before refreshing")
+                        f"closed ({self.close_code} {self.close_reason}) before {what}")
                 self._changed.clear()
                 await self._changed.wait()
-        return self.refreshes[count - 1]
 
     async def wait_closed(self, timeout: float = 10.0) -> tuple[int | None, str]:
         """Wait until the client gives up (a fatal close); its close code and reason."""

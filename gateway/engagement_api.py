@@ -9,35 +9,22 @@ from the presence Store (a user is online while they have presence in some chann
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 from aiohttp import web
 
 from cluster.base import Store
 from cluster.engagement import EngagementStore
 from gateway.auth import INGEST_ROLES
-from gateway.http import json_response, require_role, users_param
+from gateway.http import RouteNode, json_response, require_role, users_param
 from presence.engagement import WINDOW_DAYS, build_report
 from presence.errors import BadRequest
 
-__all__ = ["MAX_USERS", "EngagementNode", "add_engagement_routes", "engagement_report"]
+__all__ = ["MAX_USERS", "add_engagement_routes", "engagement_report"]
 
 MAX_USERS = 100
 """At most this many distinct user ids per request."""
-
-
-class EngagementNode(Protocol):
-    """What the route needs of the gateway node."""
-
-    @property
-    def store(self) -> Store: ...
-
-    @property
-    def engagement(self) -> EngagementStore: ...
-
-    @property
-    def clock_ms(self) -> Callable[[], int]: ...
 
 
 async def engagement_report(
@@ -56,7 +43,7 @@ async def engagement_report(
     return out
 
 
-def add_engagement_routes(app: web.Application, node: EngagementNode) -> None:
+def add_engagement_routes(app: web.Application, node: RouteNode) -> None:
     """Register ``GET /v1/engagement`` (service or admin token) on the admin ``app``.
 
     Replies: 200 with the reports; 400 ``bad_request`` with ``field: "users"`` for no

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -33,7 +33,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter
 
-from cluster.base import BackendUnavailable
+from cluster.base import BackendUnavailable, Broker, Store
+from cluster.engagement import EngagementStore
 from gateway.auth import Authenticator, Claims, bearer_token
 from presence.errors import (
     BadRequest,
@@ -47,6 +48,7 @@ from presence.errors import (
 )
 from presence.frames import MAX_QUERY_USERS, user_ids
 from presence.ratelimit import SlidingWindow
+from presence.settings import Settings
 
 __all__ = [
     "AUTH_KEY",
@@ -55,6 +57,7 @@ __all__ = [
     "STATUS",
     "RateLimiter",
     "RateRule",
+    "RouteNode",
     "cors_middleware",
     "error_middleware",
     "error_response",
@@ -155,6 +158,25 @@ async def read_body(request: web.Request, max_bytes: int, timeout: float) -> byt
         # A body trickled in slower than this holds a handler and a socket: cut it.
         raise web.HTTPRequestTimeout(headers={"Connection": "close"}) from None
     return b"".join(chunks)
+
+
+class RouteNode(Protocol):
+    """What the route modules (churn, engagement) need of the gateway node."""
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def broker(self) -> Broker: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def engagement(self) -> EngagementStore: ...
+
+    @property
+    def clock_ms(self) -> Callable[[], int]: ...
 
 
 class RateLimiter:
