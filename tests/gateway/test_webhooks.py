@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import importlib.util
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -217,6 +218,29 @@ async def test_a_5xx_is_retried_and_the_order_of_a_user_is_kept(
             SECRET, req.headers["X-Presence-Timestamp"], req.body)
     assert count(metrics, "retried") == 2 and count(metrics, "ok") == 2
     assert count(metrics, "dropped") == 0
+
+
+async def test_the_order_of_every_user_survives_repeated_failures(
+        receiver: Receiver, make: Callable[..., Webhooks]) -> None:
+    rng = random.Random(13)
+    receiver.script = [rng.choice([200, 200, 500, 502, 503, 404]) for _ in range(40)]
+    hooks = make(max_batch=3)
+    await hooks.start()
+    emitted: list[dict[str, Any]] = []
+    for n in range(30):  # emitted while earlier batches are failing and being retried
+        batch = [event(n * 10 + i, rng.choice(["user.online", "user.offline"]),
+                       rng.choice(["a", "b", "c"])) for i in range(rng.randint(1, 3))]
+        emitted += batch
+        hooks.emit(batch)
+        if n % 3 == 0:  # let the sender get on: its next request arrives
+            seen = len(receiver.requests)
+            await receiver.wait_for(lambda seen=seen: len(receiver.requests) > seen)
+    await idle(hooks)
+    assert any(r.status >= 400 for r in receiver.requests)
+    assert receiver.delivered() == emitted  # nothing lost, nothing twice, all in order
+    for user in "abc":
+        assert [e["id"] for e in receiver.delivered() if e.get("user") == user] == [
+            e["id"] for e in emitted if e["user"] == user]
 
 
 async def test_a_receiver_slower_than_the_request_timeout_is_retried(
