@@ -19,7 +19,7 @@ gateway/http.py: handlers here and in other modules raise
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -45,6 +45,7 @@ from gateway.http import (
     users_param,
 )
 from gateway.metrics import Metrics
+from gateway.reads import Reads
 from presence.autoscale import REASONS, Decision
 from presence.channels import validate_channel
 from presence.settings import Settings
@@ -86,7 +87,8 @@ class AdminNode(Protocol):
 
     async def cluster_stats(self) -> dict[str, Any]: ...
 
-    async def query_users(self, users: Sequence[str]) -> dict[str, Any]: ...
+    @property
+    def reads(self) -> Reads: ...
 
     @property
     def store(self) -> Store: ...
@@ -135,7 +137,7 @@ async def _scaling(request: web.Request) -> web.Response:
 async def _presence(request: web.Request) -> web.Response:
     require_role(request, QUERY_ROLES)
     users = users_param(request)
-    return json_response(await request.app[NODE_KEY].query_users(users))
+    return json_response(await request.app[NODE_KEY].reads.query_users(users))
 
 
 async def _channel_presence(request: web.Request) -> web.Response:

@@ -46,6 +46,7 @@ from gateway.repair import GapRepair
 from gateway.stats import NodeStats, cluster_figures
 from gateway.subscriptions import Subscriptions
 from gateway.transitions import Transitions
+from gateway.webhooks import Webhooks
 from gateway.writes import RetryQueue, retrying
 from presence.channels import is_churn
 from presence.errors import Overloaded
@@ -73,6 +74,7 @@ class Node:
         self.hub = Hub(settings.transport.coalesce_ms, settings.transport.max_buffer,
                        self.stats.on_flush, now_ms)
         self.sessions: set[LocalConnection] = set()
+        self.reads = reads.Reads(store, self.hub)
         self.draining = False
         self._ids = itertools.count(1)
         # A per-start prefix keeps connection ids unique even when --node-id is reused.
@@ -85,8 +87,10 @@ class Node:
         self.repair = GapRepair(store, self.hub, self._reassert_channel)
         # Lost connections are held for resume_ttl, on this node or, once it is gone,
         # by its lease: the lease lives at least that long (gateway/holds.py).
-        # Webhook events of presence transitions (gateway/transitions.py).
-        self.transitions = Transitions(self.owner, now_ms, None)
+        # Webhook events of presence transitions (gateway/transitions.py, webhooks.py).
+        self.webhooks = Webhooks.from_settings(settings.hooks, self.metrics)
+        self.transitions = Transitions(
+            self.owner, now_ms, self.webhooks.emit if self.webhooks.enabled else None)
         self.holds = Holds(settings.lifetime.resume_ttl, lambda cid, held: self._forget(
             held.user, cid, held.channels, "lost", held.lost_at), self.background, self.metrics)
         self.leases = Leases(store, self.owner, settings.backend.node_lease, self.publish,
@@ -115,6 +119,7 @@ class Node:
                               lambda: self.broker.start(self._deliver, self.repair.on_gap),
                               self.engagement.start)
         await self.leases.refresh()
+        await self.webhooks.start()
         self.health.mark(True)
         for duty in (self.leases.lease_loop(), self.leases.sweep_loop(), self.health.loop(),
                      self.stats.lag_loop(), self.feed.loop(self.engagement_tick)):
@@ -136,7 +141,7 @@ class Node:
         closers: tuple[Callable[[], Awaitable[None]], ...] = (
             self.repair.close, self.leases.close, self.subscriptions.close, self.writes.close,
             lambda: asyncio.wait_for(self.feed.flush(), 2.0), self.engagement.close,
-            self.leases.release, self.broker.close, self.store.close)
+            self.leases.release, self.webhooks.close, self.broker.close, self.store.close)
         for close in closers:  # each in turn, whatever the others did
             with contextlib.suppress(Exception):
                 await close()
@@ -252,13 +257,6 @@ class Node:
 
     def join_limiter(self, user: str) -> SlidingWindow:
         return self._join_limits.get(user, time.monotonic(), len(self.sessions))
-
-    # -- reads (gateway/reads.py) -------------------------------------------------------
-    async def snapshot(self, ch: str, fresh: bool) -> dict[str, Any]:
-        return await reads.snapshot(self.store, self.hub, ch, fresh)
-
-    async def query_users(self, users: Sequence[str]) -> dict[str, Any]:
-        return await reads.query_users(self.store, users)
 
     # -- re-assertion, recovery (delivery: gateway/delivery.py) -----------------------
     async def _reassert_channel(self, ch: str) -> None:

@@ -24,6 +24,7 @@ from gateway.auth import Authenticator
 from gateway.engagement_feed import EngagementFeed
 from gateway.hub import Member
 from gateway.metrics import Metrics
+from gateway.reads import Reads
 from gateway.stats import NodeStats
 from presence.meta import Meta
 from presence.ratelimit import SlidingWindow
@@ -72,6 +73,9 @@ class NodeServices(Protocol):
     auth: Authenticator
     stats: NodeStats
     """Traffic figures: ``stats.count_in(nbytes)``, ``stats.count_out(frames, nbytes)``."""
+    reads: Reads
+    """Join snapshots (``reads.snapshot(ch, fresh)``: ``fresh`` reads the Store, else
+    the node may answer a re-join from its mirror) and ``reads.query_users(users)``."""
     feed: EngagementFeed
     """Engagement signals: ``feed.opened(user)`` after a welcome, ``feed.device(user,
     device)`` when a join or update names a device."""
@@ -142,16 +146,5 @@ class NodeServices(Protocol):
 
     async def put_metas(self, user: str, metas: Mapping[str, Meta]) -> None:
         """Store a connection's changed metas (channel -> meta) and publish them."""
-        ...
-
-    async def snapshot(self, ch: str, fresh: bool) -> dict[str, Any]:
-        """The body of a ``joined`` reply for ``ch`` without ``t``/``ref``/``ch``:
-        ``{"presence": ...}`` or ``{"churn": [...]}``. ``fresh`` reads the Store (a
-        first join); otherwise the node may answer from its local mirror of the
-        channel (a re-join of a channel this connection already holds)."""
-        ...
-
-    async def query_users(self, users: Sequence[str]) -> dict[str, Any]:
-        """The ``users`` body of a ``result`` reply."""
         ...
 

@@ -53,3 +53,20 @@ async def query_users(store: Store, users: Sequence[str]) -> dict[str, Any]:
 async def channel_presence(store: Store, ch: str) -> dict[str, list[dict[str, Any]]]:
     """The ``presence`` map of a channel (``GET /v1/channels/<ch>/presence``)."""
     return presence_to_wire(await store.channel_presence(ch))
+
+
+class Reads:
+    """The read paths bound to one node's Store and hub (what sessions and the admin
+    API call)."""
+
+    def __init__(self, store: Store, hub: Hub) -> None:
+        self.store = store
+        self.hub = hub
+
+    async def snapshot(self, ch: str, fresh: bool) -> dict[str, Any]:
+        """See :func:`snapshot`."""
+        return await snapshot(self.store, self.hub, ch, fresh)
+
+    async def query_users(self, users: Sequence[str]) -> dict[str, Any]:
+        """See :func:`query_users`."""
+        return await query_users(self.store, users)

@@ -268,7 +268,7 @@ class Session(Outbound):
             await node.enter(effect.ch, self, None)
             self.core.entered(effect.ch, effect.meta)
         elif isinstance(effect, pc.Snapshot):
-            body = await node.snapshot(effect.ch, effect.fresh)
+            body = await node.reads.snapshot(effect.ch, effect.fresh)
             return self.core.snapshot_ready(effect.ch, effect.ref, body)
         elif isinstance(effect, pc.Exit):
             await node.exit(effect.ch, self, effect.had_meta, effect.last)
@@ -276,7 +276,7 @@ class Session(Outbound):
             node.check_backend()
             await node.put_metas(self.user, effect.metas)
         elif isinstance(effect, pc.QueryUsers):
-            users = await node.query_users(effect.users)
+            users = await node.reads.query_users(effect.users)
             self.send({"t": "result", "ref": effect.ref, "users": users})
         elif isinstance(effect, pc.Verify):
             claims = node.auth.verify(effect.token)
