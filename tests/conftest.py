@@ -11,6 +11,7 @@ pytest_plugins = [
     "tests.fixtures.servers",
     "tests.fixtures.redis_cluster",
     "tests.fixtures.processes",
+    "tests.fixtures.receiver",
 ]
 
 

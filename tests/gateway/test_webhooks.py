@@ -12,7 +12,6 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,80 +22,12 @@ from aiohttp import web
 from gateway.metrics import Metrics
 from gateway.webhooks import Webhooks, sign
 from presence.settings import HookSettings, WebhookTarget
+from tests.fixtures.receiver import Receiver
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cret"
 LIMIT = 5.0  # seconds any single wait of these tests may take
 FAST = {"backoff_base": 0.01, "backoff_max": 0.05, "request_timeout": 1.0}
-
-
-@dataclass
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    status: int  # what the receiver answered (0: it did not answer in time)
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = json.loads(self.body)["events"]
-        return events
-
-
-@dataclass
-class Receiver:
-    """An HTTP server that records every request and answers as scripted: each entry
-    of ``script`` is used once, in order (a status, or "hang"); then ``default``."""
-
-    url: str = ""
-    requests: list[Received] = field(default_factory=list)
-    script: list[int | str] = field(default_factory=list)
-    default: int | str = 200
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    released: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def ok(self, path: str | None = None) -> list[Received]:
-        return [r for r in self.requests if 200 <= r.status < 300
-                and (path is None or r.path == path)]
-
-    def delivered(self, path: str | None = None) -> list[dict[str, Any]]:
-        return [e for r in self.ok(path) for e in r.events]
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        action = self.script.pop(0) if self.script else self.default
-        record = Received(request.path, dict(request.headers), body, 0)
-        self.requests.append(record)
-        self.arrived.set()
-        if action == "hang":  # past the sender's request timeout, until the test ends
-            async with asyncio.timeout(LIMIT):
-                await self.released.wait()
-            return web.Response(status=200)
-        record.status = int(action)
-        return web.Response(status=record.status)
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        """Wait, as requests arrive, until ``predicate()`` holds."""
-        async with asyncio.timeout(LIMIT):
-            while not predicate():
-                self.arrived.clear()
-                await self.arrived.wait()
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", rec.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    rec.url = f"http://127.0.0.1:{port}"
-    yield rec
-    rec.released.set()
-    await runner.cleanup()
 
 
 @pytest.fixture
