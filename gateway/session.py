@@ -150,8 +150,10 @@ class Session(Outbound):
         await self._execute(self.core.registered(
             count, hello.ref, self.node.node_id, t.ping_interval, t.max_frame,
             (token, lifetime.resume_ttl, resumed)))
-        for ch, meta in (adopted.channels if adopted is not None else {}).items():
-            await self._execute(self.core.resumed({ch: meta}))  # each on its own
+        if adopted is not None:
+            for effect in self.core.resumed(adopted.channels):
+                if not self.closing:  # a failed channel closes the connection (held)
+                    await self._execute([effect])
         if self.closing:  # the close must go out before the handler returns (with 1000)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
@@ -266,7 +268,6 @@ class Session(Outbound):
             self.core.entered(effect.ch, effect.meta)
         elif isinstance(effect, pc.Adopt):
             await node.enter(effect.ch, self, None)
-            self.core.entered(effect.ch, effect.meta)
         elif isinstance(effect, pc.Snapshot):
             body = await node.reads.snapshot(effect.ch, effect.fresh)
             return self.core.snapshot_ready(effect.ch, effect.ref, body)

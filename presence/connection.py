@@ -132,9 +132,9 @@ class Enter:
 
 @dataclass(frozen=True, slots=True)
 class Adopt:
-    """A resumed connection's channel: become a local member of ``ch`` again (no Store
-    write, nothing published: the Store already holds ``meta``). On success call
-    :meth:`Connection.entered`."""
+    """A resumed connection's channel (already recorded by :meth:`Connection.resumed`):
+    become a local member of ``ch`` again (no Store write, nothing published: the Store
+    already holds ``meta``)."""
 
     ch: str
     meta: Meta | None
@@ -362,7 +362,8 @@ class Connection:
         """A resume adopted this connection with ``channels`` (channel -> its meta,
         None for churn): one ``joined`` (``ref`` null) per channel, diffs held back
         until each is written; a channel the token presented no longer grants is
-        left (``left`` with ``ref`` null, the others see the leave). The current patch
+        left (``left`` with ``ref`` null, the others see the leave). A channel that
+        cannot be adopted here closes the connection with 1012 (it is held again). The current patch
         comes from the metas, so later joins inherit what the client had set."""
         effects: list[Effect] = []
         for ch, meta in channels.items():
@@ -372,6 +373,9 @@ class Connection:
                 continue
             if meta is not None:
                 self.current = MetaPatch(meta.status, meta.device, meta.note)
+            # Recorded at once: whatever happens next, the connection holds it (its
+            # end holds or removes it; nothing adopted may stay in the Store unowned).
+            self.entered(ch, meta)
             self.backlog[ch] = []
             effects += [Adopt(ch, meta), Snapshot(ch, None, fresh=True)]
         return effects
@@ -459,11 +463,11 @@ class Connection:
         """``effect`` of the request being handled failed with ``error``: the error
         reply, and the request undone as far as the client can tell."""
         if isinstance(effect, Adopt):
-            # A resumed channel that cannot be served here is left, as a refresh that
-            # takes a grant away would: the client is told, the others see the leave.
+            # A resumed channel this node cannot serve now (its subscription failed, or
+            # the node is stopping): the connection is held again, not left, and the
+            # client told to come back, so that nobody sees a flap.
             self.backlog.pop(effect.ch, None)
-            return [Exit(effect.ch, effect.meta is not None, not self.metas),
-                    Send({"t": "left", "ref": None, "ch": effect.ch})]
+            return self._close(CloseCode.SERVICE_RESTART, "server restarting; reconnect")
         if isinstance(effect, Verify):
             # A refresh whose token does not verify: the connection keeps its token.
             error = Forbidden(f"refresh refused: {error.message}")

@@ -326,16 +326,17 @@ def test_resumed_channels_come_back_as_joined_frames_and_set_the_current_patch()
     meta = new_meta("c1", MetaPatch(status="busy", note="venue"), 5)
     effects = core.resumed({"team:a": meta})
     assert effects == [Adopt("team:a", meta), Snapshot("team:a", None, fresh=True)]
-    core.entered("team:a", meta)
+    assert core.metas == {"team:a": meta}  # recorded at once
     assert core.hold("team:a", b"diff")  # held back until its joined frame
     out = core.snapshot_ready("team:a", None, {"presence": {}})
     assert out == [Send({"t": "joined", "ref": None, "ch": "team:a", "presence": {}}),
                    Deliver(b"diff")]
     assert core.current == MetaPatch(status="busy", device="unknown", note="venue")
-    # A channel that cannot be adopted here is left, and the client told so.
+    # A channel that cannot be adopted here: held again (no leave), the client sent off.
     (churn,) = core.resumed({"churn:acme": None})[:1]
     assert core.failed(churn, Overloaded("down"), 0.0) == [
-        Exit("churn:acme", False, False), Send({"t": "left", "ref": None, "ch": "churn:acme"})]
+        Close(CloseCode.SERVICE_RESTART, "server restarting; reconnect")]
+    assert "churn:acme" in core.joined_channels() and core.backlog == {}
 
 
 def test_a_resumed_channel_the_token_no_longer_grants_is_left() -> None:
