@@ -41,7 +41,7 @@ from gateway.hub import Hub
 from gateway.leases import Leases
 from gateway.metrics import Metrics
 from gateway.ports import BackendError, LocalConnection, NodeServices, now_ms
-from gateway.reassert import reassert_all, reassert_channel
+from gateway.reassert import Lanes, reassert_all, reassert_channel
 from gateway.repair import GapRepair
 from gateway.stats import NodeStats, cluster_figures
 from gateway.subscriptions import Subscriptions
@@ -74,6 +74,7 @@ class Node:
         self.hub = Hub(settings.transport.coalesce_ms, settings.transport.max_buffer,
                        self.stats.on_flush, now_ms)
         self.sessions: set[LocalConnection] = set()
+        self.lanes = Lanes()  # a connection's re-assertion vs its departure
         self.reads = reads.Reads(store, self.hub)
         self.draining = False
         self._ids = itertools.count(1)
@@ -84,7 +85,8 @@ class Node:
         # by refreshing the same lease; survivors sweep the old incarnation.
         self.owner = self._id_prefix
         self.subscriptions = Subscriptions(broker, self.hub, self.metrics)
-        self.repair = GapRepair(store, self.hub, self._reassert_channel)
+        self.repair = GapRepair(store, self.hub, functools.partial(
+            reassert_channel, self.sessions, put_metas=self.put_metas, lanes=self.lanes))
         # Lost connections are held for resume_ttl, on this node or, once it is gone,
         # by its lease: the lease lives at least that long (gateway/holds.py).
         # Webhook events of presence transitions (gateway/transitions.py, webhooks.py).
@@ -172,7 +174,8 @@ class Node:
 
     async def unregister(self, conn: LocalConnection, channels: Sequence[str],
                          cause: str) -> None:
-        self.sessions.discard(conn)
+        async with self.lanes.exclusive(conn.conn):  # after any re-assertion of it
+            self.sessions.discard(conn)
         self.metrics.connections.set(len(self.sessions))
         presence = [ch for ch in channels if ch in conn.metas]
         for ch in channels:
@@ -259,12 +262,10 @@ class Node:
         return self._join_limits.get(user, time.monotonic(), len(self.sessions))
 
     # -- re-assertion, recovery (delivery: gateway/delivery.py) -----------------------
-    async def _reassert_channel(self, ch: str) -> None:
-        await reassert_channel(self.sessions, ch, self.put_metas)
-
     async def reassert_all(self, close_failed: bool = True) -> None:
         """Write every live connection again (gateway/reassert.py)."""
-        await reassert_all(self.store, self.owner, self.sessions, self.put_metas, close_failed)
+        await reassert_all(self.store, self.owner, self.sessions, self.put_metas, close_failed,
+                           self.lanes)
 
     async def _probe(self) -> bool:
         return await self.store.healthy() and await self.broker.healthy()

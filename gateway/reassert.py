@@ -4,12 +4,21 @@ Needed whenever the Store may have lost what this node wrote: a promoted replica
 (replication is asynchronous), a Redis restarted empty, a lease that lapsed while the
 node was frozen and a survivor swept it. Writing a connection's record and metas again
 is idempotent, and the joins it publishes are idempotent for every client.
+
+A re-assertion must never land after the connection's departure: written after the
+departure's removal, its metas would stay in the Store for good (a ghost no sweep
+finds: the node is alive). So each connection's re-assertion runs in that connection's
+:class:`Lanes` lane, and only while the connection is still in the node's live set; the
+node takes the same lane to take a connection out of that set. Either the re-assertion
+finishes first and the departure's removal comes after it, or the departure comes
+first and the re-assertion skips the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 
 import structlog
 
@@ -25,28 +34,56 @@ BATCH = 100
 """Connections re-asserted concurrently (bounded, so a big node does not flood Redis)."""
 
 
-async def reassert_channel(conns: Iterable[LocalConnection], ch: str, put_metas: PutMetas) -> None:
-    """Write again the meta of every connection in ``conns`` that has joined ``ch``."""
+class Lanes:
+    """One lock per connection id, alive while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, conn: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(conn, (asyncio.Lock(), 0))
+        self._locks[conn] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[conn]
+            if users == 1:
+                del self._locks[conn]
+            else:
+                self._locks[conn] = (lock, users - 1)
+
+
+async def reassert_channel(conns: Collection[LocalConnection], ch: str, put_metas: PutMetas,
+                           lanes: Lanes) -> None:
+    """Write again the meta of every connection in ``conns`` (the node's live set)
+    that has joined ``ch``, each in its lane and only while it is still live."""
     for conn in list(conns):
-        meta = conn.metas.get(ch)
-        if meta is not None:
-            await put_metas(conn.user, {ch: meta})
+        async with lanes.exclusive(conn.conn):
+            meta = conn.metas.get(ch)
+            if meta is not None and conn in conns:
+                await put_metas(conn.user, {ch: meta})
 
 
-async def reassert_all(store: Store, owner: str, conns: Iterable[LocalConnection],
-                       put_metas: PutMetas, close_failed: bool) -> None:
-    """Write every connection's record and metas again. With ``close_failed``, a
+async def reassert_all(store: Store, owner: str, conns: Collection[LocalConnection],
+                       put_metas: PutMetas, close_failed: bool, lanes: Lanes) -> None:
+    """Write every connection's record and metas again (each in its lane, and only
+    while it is still in ``conns``, the node's live set). With ``close_failed``, a
     connection that cannot be re-asserted is closed (1012, its client reconnects and
     so becomes visible again); without it the first failure is raised."""
     async def one(conn: LocalConnection) -> None:
-        try:
-            await store.add_connection(owner, conn.user, conn.conn)
-            await put_metas(conn.user, dict(conn.metas))
-        except Exception as exc:
-            if not close_failed:
-                raise
-            log.warning("reassert_failed", conn=conn.conn, error=type(exc).__name__)
-            conn.close_soon(CloseCode.SERVICE_RESTART, "server restarting; reconnect")
+        async with lanes.exclusive(conn.conn):
+            if conn not in conns:
+                return  # gone meanwhile: its departure removes what it had
+            try:
+                await store.add_connection(owner, conn.user, conn.conn)
+                await put_metas(conn.user, dict(conn.metas))
+            except Exception as exc:
+                if not close_failed:
+                    raise
+                log.warning("reassert_failed", conn=conn.conn, error=type(exc).__name__)
+                conn.close_soon(CloseCode.SERVICE_RESTART, "server restarting; reconnect")
 
     todo = list(conns)
     for i in range(0, len(todo), BATCH):
