@@ -774,6 +774,7 @@ class Run:
         return rc
 
     def dump_logs(self) -> None:
+        os.environ["LOADTEST_KEEP_LOGS"] = "1"  # the gateways' logs stay for a look
         for gw in self.gateways:
             print(f"--- gw{gw.idx} ({gw.node_id}) log tail: {gw.log_path}")
             if gw.handle is not None:
