@@ -2,11 +2,12 @@
 
 For every channel with local members the hub keeps the pending diff (changes received
 from the broker and not yet sent) and a mirror of the channel's state (used to repair
-the local view after a broker gap). A flush encodes the diff once per wire format and
-writes that one frame to every member without awaiting any of them
-(``websockets.broadcast``); members whose own changes are in the diff get a copy without
-them. A member whose unsent buffer has passed ``max_buffer`` is closed (1008) instead of
-written to, so a stuck client cannot grow the node's memory.
+the local view after a broker gap). A flush encodes the diff once per wire format,
+serializes it once as a WebSocket frame and writes the same bytes to every member's
+socket without awaiting any of them (:func:`gateway.transport.write_prepared`); members
+whose own changes are in the diff get a copy without them. A member whose unsent buffer
+has passed ``max_buffer`` is closed (1008) instead of written to, so a stuck client
+cannot grow the node's memory.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from websockets.asyncio.connection import broadcast
-
+from gateway.transport import prepare, write_prepared
 from presence.codec import Format, encode
 from presence.diff import PendingDiff
 from presence.meta import Meta
@@ -201,10 +201,10 @@ class Hub:
             shared: dict[Format, str | bytes] = {}
             for fmt, sockets in direct.items():
                 data = shared[fmt] = encode(frame, fmt)
-                # One library call writes the same frame to many sockets.
-                broadcast(sockets, data)
-                frames += len(sockets)
-                nbytes += len(data) * len(sockets)
+                # Serialized once, the same bytes written to every member's socket.
+                sent = write_prepared(sockets, prepare(data))
+                frames += sent
+                nbytes += len(data) * sent
             for member in indirect:
                 data = shared.get(member.fmt) or shared.setdefault(
                     member.fmt, encode(frame, member.fmt))
