@@ -175,28 +175,39 @@ class RedisBroker:
             self._orphaned.set()
 
     async def _repair_loop(self) -> None:
+        # This loop is the only way back for an orphaned topic: it must outlive any
+        # error (an unexpected one is logged and the round tried again).
         while not self._closed:
-            await self._orphaned.wait()
-            self._orphaned.clear()
-            while self._orphans and not self._closed:
-                # A poll period, not synchronisation: the cluster tells nobody when a
-                # replica has been promoted.
+            try:
+                await self._repair_orphans()
+            except Exception:
+                log.exception("redis pub/sub repair round failed")
                 await asyncio.sleep(self.repair_interval)
-                with contextlib.suppress(BackendUnavailable):
-                    await self.redis.refresh()
-                orphans = sorted(t for t in self._orphans if t in self._wanted)
-                self._orphans.intersection_update(self._wanted)
-                done: list[str] = []
+
+    async def _repair_orphans(self) -> None:
+        """One round: wait for orphans, then re-subscribe them until none is left."""
+        if not self._orphans:
+            await self._orphaned.wait()
+        self._orphaned.clear()
+        while self._orphans and not self._closed:
+            # A poll period, not synchronisation: the cluster tells nobody when a
+            # replica has been promoted.
+            await asyncio.sleep(self.repair_interval)
+            with contextlib.suppress(BackendUnavailable):
+                await self.redis.refresh()
+            orphans = sorted(t for t in self._orphans if t in self._wanted)
+            self._orphans.intersection_update(self._wanted)
+            done: list[str] = []
+            try:
+                done = await self._subscribe_on_owner(orphans)
+            except BackendUnavailable:
+                done = [t for t in orphans if t in self._where]
+            self._orphans.difference_update(done)
+            if done and self._on_gap is not None:
                 try:
-                    done = await self._subscribe_on_owner(orphans)
-                except BackendUnavailable:
-                    done = [t for t in orphans if t in self._where]
-                self._orphans.difference_update(done)
-                if done and self._on_gap is not None:
-                    try:
-                        await self._on_gap(done)
-                    except Exception:
-                        log.exception("gap handler failed")
+                    await self._on_gap(done)
+                except Exception:
+                    log.exception("gap handler failed")
 
     # -- publishing --------------------------------------------------------------
     async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:

@@ -26,7 +26,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from cluster.base import BackendUnavailable
 
@@ -72,13 +72,14 @@ def parse_nodes(spec: str) -> list[Addr]:
 
 async def guarded(aw: Awaitable[T], timeout: float) -> T:
     """Await ``aw`` with a deadline; Redis, socket and timeout errors become
-    :class:`BackendUnavailable`."""
+    :class:`BackendUnavailable`. (redis-py's ``RedisClusterException``, raised when no
+    startup node answers, is not a ``RedisError``: it is one of these all the same.)"""
     try:
         async with asyncio.timeout(timeout):
             return await aw
     except BackendUnavailable:
         raise
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         raise BackendUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
 
