@@ -75,7 +75,6 @@ class Node:
                        self.stats.on_flush, now_ms)
         self.sessions: set[LocalConnection] = set()
         self.lanes = Lanes()  # a connection's re-assertion vs its departure
-        self.reads = reads.Reads(store, self.hub)
         self.draining = False
         self._ids = itertools.count(1)
         # A per-start prefix keeps connection ids unique even when --node-id is reused.
@@ -87,6 +86,7 @@ class Node:
         self.subscriptions = Subscriptions(broker, self.hub, self.metrics)
         self.repair = GapRepair(store, self.hub, functools.partial(
             reassert_channel, self.sessions, put_metas=self.put_metas, lanes=self.lanes))
+        self.reads = reads.Reads(store, self.hub, self.repair.joined_read)
         # Lost connections are held for resume_ttl, on this node or, once it is gone,
         # by its lease: the lease lives at least that long (gateway/holds.py).
         # Webhook events of presence transitions (gateway/transitions.py, webhooks.py).

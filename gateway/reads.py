@@ -6,14 +6,18 @@ session and the HTTP API answer from one code path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from cluster.base import Store
 from gateway.hub import Hub
 from presence.channels import churn_org, is_churn
 from presence.churn import MAX_SNAPSHOT
-from presence.meta import metas_to_wire, overall_status, presence_to_wire
+from presence.meta import Meta, metas_to_wire, overall_status, presence_to_wire
+
+JoinedRead = Callable[[str], Awaitable[dict[str, list[Meta]]]]
+"""A joiner's Store read of a presence channel, made what every local member holds
+(``gateway.repair.GapRepair.joined_read``)."""
 
 
 async def snapshot(store: Store, hub: Hub, ch: str, fresh: bool) -> dict[str, Any]:
@@ -59,12 +63,17 @@ class Reads:
     """The read paths bound to one node's Store and hub (what sessions and the admin
     API call)."""
 
-    def __init__(self, store: Store, hub: Hub) -> None:
+    def __init__(self, store: Store, hub: Hub, joined_read: JoinedRead) -> None:
         self.store = store
         self.hub = hub
+        self.joined_read = joined_read
 
     async def snapshot(self, ch: str, fresh: bool) -> dict[str, Any]:
-        """See :func:`snapshot`."""
+        """See :func:`snapshot`; a presence channel's ``fresh`` read goes through
+        :meth:`gateway.repair.GapRepair.joined_read`, so that the joiner's snapshot and
+        what the channel's other local members hold end equal."""
+        if fresh and not is_churn(ch):
+            return {"presence": presence_to_wire(await self.joined_read(ch))}
         return await snapshot(self.store, self.hub, ch, fresh)
 
     async def query_users(self, users: Sequence[str]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from cluster.base import Store
 from gateway.hub import Hub
 from gateway.ports import now_ms
 from presence.channels import is_churn
+from presence.meta import Meta
 
 log = structlog.get_logger("presence.repair")
 
@@ -39,17 +40,41 @@ class GapRepair:
         self.hub = hub
         self.reassert = reassert
         self._held: dict[str, list[Delivery]] = {}
+        self._holds: dict[str, int] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self.repaired = 0
 
     def deliver(self, ch: str, apply: Delivery) -> None:
-        """Apply a live message now, or after the channel's running Store read."""
+        """Apply a live message now, or after the channel's running Store reads."""
         held = self._held.get(ch)
         if held is None:
             apply()
         else:
             held.append(apply)
+
+    async def joined_read(self, ch: str) -> dict[str, list[Meta]]:
+        """A joiner's Store read of ``ch``, made what every local member holds.
+
+        The hub's mirror is, by contract, what every local member of the channel has
+        been told; the joiner's snapshot is this read. So, with live delivery held, the
+        read's difference from the mirror is sent to the members already there (a
+        repair done with this read), and the mirror becomes the read. A joiner given a
+        read that the mirror lacked (while a restarted Redis was being re-asserted)
+        used to keep that difference for good: no later repair saw it. The channel's
+        first local member just seeds the mirror (nobody else to tell).
+        """
+        self._hold(ch)
+        try:
+            fresh = await self.store.channel_presence(ch)
+            channel = self.hub.channels.get(ch)
+            if channel is not None and len(channel.members) > 1:
+                self._apply(ch, fresh)
+            else:
+                self.hub.seed(ch, fresh)
+            return fresh
+        finally:
+            self._release(ch)
 
     async def on_gap(self, topics: Iterable[str]) -> None:
         """The broker's gap handler: start (or re-arm) a repair of each channel."""
@@ -79,35 +104,49 @@ class GapRepair:
                 delay = min(delay * 2, 5.0)
         finally:
             self._tasks.pop(ch, None)
-            self._release(ch)
 
     async def _attempt(self, ch: str) -> bool:
+        self._hold(ch)
         try:
             await self.reassert(ch)
-            self._held.setdefault(ch, [])
             fresh = await self.store.channel_presence(ch)
+            self._apply(ch, fresh)
         except Exception as exc:
             log.warning("gap_repair_failed", ch=ch, error=type(exc).__name__)
-            self._release(ch)
             return False
-        mirror = self.hub.mirror(ch)
-        if mirror is not None:
-            ts = now_ms()
-            truth = {(u, m.conn): m for u, ms in fresh.items() for m in ms}
-            for user in list(mirror.users()):
-                for meta in mirror.metas(user):
-                    if (user, meta.conn) not in truth:
-                        self.hub.on_leave(ch, user, meta.conn, ts, ts)
-            seen = {(u, m.conn): m for u in mirror.users() for m in mirror.metas(u)}
-            for (user, conn), meta in truth.items():
-                if seen.get((user, conn)) != meta:
-                    self.hub.on_join(ch, user, meta, ts)
-        self._release(ch)
+        finally:
+            self._release(ch)
         self.repaired += 1
         log.info("gap_repaired", ch=ch)
         return True
 
+    def _apply(self, ch: str, fresh: dict[str, list[Meta]]) -> None:
+        """Send local members the difference between the mirror and ``fresh``."""
+        mirror = self.hub.mirror(ch)
+        if mirror is None:
+            return
+        ts = now_ms()
+        truth = {(u, m.conn): m for u, ms in fresh.items() for m in ms}
+        for user in list(mirror.users()):
+            for meta in mirror.metas(user):
+                if (user, meta.conn) not in truth:
+                    self.hub.on_leave(ch, user, meta.conn, ts, ts)
+        seen = {(u, m.conn): m for u in mirror.users() for m in mirror.metas(u)}
+        for (user, conn), meta in truth.items():
+            if seen.get((user, conn)) != meta:
+                self.hub.on_join(ch, user, meta, ts)
+
+    def _hold(self, ch: str) -> None:
+        """Hold live delivery on ``ch`` (nested holds counted) until :meth:`_release`."""
+        self._holds[ch] = self._holds.get(ch, 0) + 1
+        self._held.setdefault(ch, [])
+
     def _release(self, ch: str) -> None:
+        left = self._holds.get(ch, 0) - 1
+        if left > 0:
+            self._holds[ch] = left
+            return
+        self._holds.pop(ch, None)
         for apply in self._held.pop(ch, None) or ():
             apply()
 
