@@ -52,13 +52,17 @@ class Member(Protocol):
 class Channel:
     """One channel's local members, pending diff and mirror."""
 
-    __slots__ = ("flush_handle", "members", "mirror", "name", "pending")
+    __slots__ = ("flush_handle", "members", "mirror", "name", "pending", "seeded")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: set[Member] = set()
         self.pending = PendingDiff()
         self.mirror = ChannelState()
+        # False until a Store read has filled the mirror: before that the mirror says
+        # nothing (every member is still waiting for its snapshot), so a read is a seed,
+        # not a difference to tell anyone.
+        self.seeded = False
         self.flush_handle: asyncio.Handle | None = None
 
 
@@ -123,6 +127,7 @@ class Hub:
         for user, metas in presence.items():
             for meta in metas:
                 channel.mirror.merge(user, meta)
+        channel.seeded = True
 
     def on_join(self, ch: str, user: str, meta: Meta, ts: int) -> None:
         channel = self.channels.get(ch)

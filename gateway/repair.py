@@ -61,16 +61,19 @@ class GapRepair:
         read's difference from the mirror is sent to the members already there (a
         repair done with this read), and the mirror becomes the read. A joiner given a
         read that the mirror lacked (while a restarted Redis was being re-asserted)
-        used to keep that difference for good: no later repair saw it. The channel's
-        first local member just seeds the mirror (nobody else to tell).
+        used to keep that difference for good: no later repair saw it. Until a read
+        has filled the mirror (the channel's first local members, possibly several
+        reading at once) a read just seeds it: nobody has been told anything yet.
         """
         self._hold(ch)
         try:
             fresh = await self.store.channel_presence(ch)
             channel = self.hub.channels.get(ch)
-            if channel is not None and len(channel.members) > 1:
+            if channel is not None and channel.seeded and len(channel.members) > 1:
                 self._apply(ch, fresh)
             else:
+                # The first read of the channel (several joiners may be reading at once,
+                # each still waiting for its snapshot): nobody to tell a difference to.
                 self.hub.seed(ch, fresh)
             return fresh
         finally:

@@ -265,3 +265,31 @@ async def test_leaves_of_a_swept_node_are_not_lost_when_their_publish_fails() ->
     assert await leases.sweep_once() == 1
     assert [ch for ch, _ in published[0]] == ["team:swept"]
     assert await store.dead_nodes(t[0]) == []  # finished: nothing left to sweep
+
+
+async def test_joiners_reading_a_new_channel_at_once_tell_nobody_a_difference() -> None:
+    # Several resumed connections arrive on a node for one channel at the same time:
+    # each enters the channel, then reads it. The first read has not filled the mirror
+    # when the second one comes back; the second must seed it too, not send everyone
+    # as a join to the members already there (a flap of the whole team).
+    store = StaleReadStore()
+    hub = Hub(0, 1 << 20)
+    ch = "team:arrivals"
+    for i in range(5):
+        await store.put_metas("n", f"u{i}", f"c{i}", {ch: new_meta(f"c{i}", None, i)})
+
+    async def no_reassert(_ch: str) -> None:
+        return None
+
+    repair = GapRepair(store, hub, no_reassert)
+    first, second = Sink("c0"), Sink("c1")
+    hub.add(ch, first)
+    slow = asyncio.ensure_future(repair.joined_read(ch))
+    await asyncio.wait_for(store.reading.wait(), 5)
+    hub.add(ch, second)
+    store.gate.set()
+    await asyncio.wait_for(asyncio.gather(slow, repair.joined_read(ch)), 5)
+    hub.flush_all()
+    assert first.frames == [] and second.frames == []
+    mirror = hub.mirror(ch)
+    assert mirror is not None and sorted(mirror.users()) == [f"u{i}" for i in range(5)]

@@ -93,6 +93,8 @@ class Roamer:
         self.results: list[bool] = []  # resumed or not, at each reconnect
         self.diffs: list[dict[str, Any]] = []
         self.joined: dict[str, dict[str, Any]] = {}
+        self.team: set[str] = set()  # who its join snapshot showed
+        self.ch = ""
         self.ws: ClientConnection | None = None
         self.refs = 0
         self.replies: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -180,7 +182,9 @@ async def roamers(gw: GatewayProcess, n: int, ch: Callable[[int], str],
         r = Roamer(f"{prefix}{i}", gw.token(f"{prefix}{i}"), urls)
         await r.open(gw.ws_url)
         r.start()
-        await r.request(t="join", ch=ch(i), meta={"status": "busy", "note": f"n{i}"})
+        r.ch = ch(i)
+        reply = await r.request(t="join", ch=r.ch, meta={"status": "busy", "note": f"n{i}"})
+        r.team.update(reply["presence"])
         out.append(r)
     return out
 
@@ -246,6 +250,8 @@ async def test_rolling_restart_shows_no_diff_about_resumed_clients(spawn: Spawn)
     finally:
         for r in crowd:
             r.stopping = True
+            if r.task is not None:
+                r.task.cancel()
         for g in gateways[3:]:  # the restarted ones (the fixture stops the first three)
             await g.stop()
 
@@ -256,8 +262,13 @@ async def rolling_restart(gateways: list[GatewayProcess], live: dict[str, Gatewa
         crowd += await roamers(g, 70, lambda i, k=k: f"team:roll-{(i + k) % 7}", urls,
                                f"g{k}u")
     names = {r.user for r in crowd}
-    # Everyone has joined before the restarts; from here on, no join or leave.
-    await asyncio.sleep(0.5)  # the last joins' diffs reach every member
+    # Everyone has joined, and seen every team mate's join, before the restarts; from
+    # here on, no join or leave.
+    teams: dict[str, set[str]] = {}
+    for r in crowd:
+        teams.setdefault(r.ch, set()).add(r.user)
+    await SIGNAL.until(lambda: all(
+        r.team | {u for d in r.diffs for u in d["joins"]} >= teams[r.ch] for r in crowd), 30)
     for r in crowd:
         r.diffs.clear()
     for g in list(gateways):
@@ -278,6 +289,13 @@ async def rolling_restart(gateways: list[GatewayProcess], live: dict[str, Gatewa
     print(f"\nrolling restart: {len(crowd)} clients, {len(resumed)} resumed "
           f"({sum(len(r.results) for r in crowd)} reconnects), diffs seen about them: "
           f"{len(seen)}")
+    if seen:  # what the gateways said about it, to find where the diffs came from
+        for g in gateways:
+            print(g.node_id, "".join(line for line in g.log if '"warning"' in line
+                                     or '"error"' in line or 'gap' in line
+                                     or 'reassert' in line or 'swept' in line)[-3000:])
+        print("diffs:", [(r.user, d["ch"], d["ts"], sorted(d["joins"]), sorted(d["leaves"]))
+                         for r in crowd for d in r.diffs][:5])
     assert seen == []
     assert names  # every client was among the observers
     for r in crowd:
