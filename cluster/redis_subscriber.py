@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 
 from cluster import keys
 from cluster.base import BackendUnavailable
-from cluster.redis_conn import Addr, guarded
+from cluster.redis_conn import Addr, guarded, text
 
 OnMessage = Callable[[str, bytes], None]
 """(pub/sub channel, payload)."""
@@ -48,10 +48,6 @@ OnLost = Callable[["NodeSubscriber", frozenset[str]], None]
 
 IDLE_PING = 2.0
 PONG_TIMEOUT = 3.0
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class NodeSubscriber:
@@ -179,15 +175,15 @@ class NodeSubscriber:
     def _handle(self, msg: dict[str, Any]) -> None:
         kind = msg["type"]
         if kind == "smessage":
-            channel = _str(msg["channel"])
+            channel = text(msg["channel"])
             if channel in self.channels:
                 self._on_message(channel, msg["data"])
         elif kind == "ssubscribe":
-            fut = self._acks.pop(_str(msg["channel"]), None)
+            fut = self._acks.pop(text(msg["channel"]), None)
             if fut is not None and not fut.done():
                 fut.set_result(None)
         elif kind == "sunsubscribe":
-            channel = _str(msg["channel"])
+            channel = text(msg["channel"])
             pending = self._unsubscribing.get(channel, 0)
             if pending:
                 # The reply to one of ours (replies come in command order).
