@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -25,7 +25,7 @@ import pytest_asyncio
 
 from cluster import keys
 from gateway.client import ClientError, PresenceClient
-from tests.fixtures.processes import GatewayProcess, new_secret
+from tests.fixtures.processes import GatewayProcess, StartGateway
 from tests.fixtures.redis_cluster import ClusterControl
 
 pytestmark = pytest.mark.redis
@@ -38,22 +38,12 @@ Spawn = Callable[[str], Awaitable[GatewayProcess]]
 
 
 @pytest_asyncio.fixture
-async def spawn(redis_cluster: str) -> AsyncIterator[Spawn]:
-    secret = new_secret()
-    procs: list[GatewayProcess] = []
-
+async def spawn(cluster_gateways: StartGateway) -> Spawn:
     async def start(node_id: str) -> GatewayProcess:
-        env = {"PRESENCE_NODE_LEASE": str(LEASE), "PRESENCE_RESUME_TTL": str(LEASE),
-               "PRESENCE_COALESCE_MS": "5",
-               "PRESENCE_DRAIN_TIMEOUT": "3", "PRESENCE_LOG_LEVEL": "warning"}
-        p = GatewayProcess(node_id, secret, env, "--redis-cluster", redis_cluster)
-        await p.start()
-        procs.append(p)
-        return p
-
-    yield start
-    for p in procs:
-        await p.stop()
+        return await cluster_gateways(
+            node_id, PRESENCE_NODE_LEASE=str(LEASE), PRESENCE_RESUME_TTL=str(LEASE),
+            PRESENCE_DRAIN_TIMEOUT="3")
+    return start
 
 
 def key_on(ctl: ClusterControl, master: int) -> str:

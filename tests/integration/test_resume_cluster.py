@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -27,7 +27,7 @@ import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.fixtures.processes import GatewayProcess, new_secret
+from tests.fixtures.processes import GatewayProcess, StartGateway
 
 pytestmark = pytest.mark.redis
 
@@ -38,22 +38,14 @@ Spawn = Callable[[str], Awaitable[GatewayProcess]]
 
 
 @pytest_asyncio.fixture
-async def spawn(redis_cluster: str) -> AsyncIterator[Spawn]:
-    secret = new_secret()
-    procs: list[GatewayProcess] = []
+async def spawn(cluster_gateways: StartGateway) -> Spawn:
     SIGNAL.reset()
 
     async def start(node_id: str) -> GatewayProcess:
-        env = {"PRESENCE_NODE_LEASE": str(LEASE), "PRESENCE_RESUME_TTL": str(LEASE),
-               "PRESENCE_COALESCE_MS": "5", "PRESENCE_DRAIN_TIMEOUT": "5",
-               "PRESENCE_RECONNECT_JITTER": "1", "PRESENCE_LOG_LEVEL": "warning"}
-        p = GatewayProcess(node_id, secret, env, "--redis-cluster", redis_cluster)
-        await p.start()
-        procs.append(p)
-        return p
-
-    yield start
-    await asyncio.gather(*(p.stop() for p in procs))
+        return await cluster_gateways(
+            node_id, PRESENCE_NODE_LEASE=str(LEASE), PRESENCE_RESUME_TTL=str(LEASE),
+            PRESENCE_RECONNECT_JITTER="1")
+    return start
 
 
 class Signal:
