@@ -35,6 +35,7 @@ from gateway import reads
 from gateway.auth import Authenticator
 from gateway.delivery import deliver
 from gateway.engagement_feed import EngagementFeed
+from gateway.expiry import expiry_loop
 from gateway.health import Health, until_connected
 from gateway.holds import Holds
 from gateway.hub import Hub
@@ -87,12 +88,11 @@ class Node:
         self.repair = GapRepair(store, self.hub, functools.partial(
             reassert_channel, self.sessions, put_metas=self.put_metas, lanes=self.lanes))
         self.reads = reads.Reads(store, self.hub, self.repair.joined_read)
-        # Lost connections are held for resume_ttl, on this node or, once it is gone,
-        # by its lease: the lease lives at least that long (gateway/holds.py).
         # Webhook events of presence transitions (gateway/transitions.py, webhooks.py).
         self.webhooks = Webhooks.from_settings(settings.hooks, self.metrics)
         self.transitions = Transitions(
             self.owner, now_ms, self.webhooks.emit if self.webhooks.enabled else None)
+        # Lost connections are held here for resume_ttl, or by the lease once we are gone.
         self.holds = Holds(settings.lifetime.resume_ttl, lambda cid, held: self._forget(
             held.user, cid, held.channels, "lost", held.lost_at), self.background, self.metrics)
         self.leases = Leases(store, self.owner, settings.backend.node_lease, self.publish,
@@ -124,7 +124,8 @@ class Node:
         await self.webhooks.start()
         self.health.mark(True)
         for duty in (self.leases.lease_loop(), self.leases.sweep_loop(), self.health.loop(),
-                     self.stats.lag_loop(), self.feed.loop(self.engagement_tick)):
+                     self.stats.lag_loop(), self.feed.loop(self.engagement_tick),
+                     expiry_loop(lambda: self.sessions)):
             self._tasks.append(asyncio.ensure_future(duty))
         log.info("node_started", node=self.node_id, backend=type(self.store).__name__)
 

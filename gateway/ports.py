@@ -57,6 +57,10 @@ class LocalConnection(Member, Protocol):
         """Cut the TCP connection now, without a closing handshake."""
         ...
 
+    def expire_if_due(self, ms: int) -> None:
+        """Close with 4001 "token expired" if the token's deadline passed at ``ms``."""
+        ...
+
     async def drain(self, jitter: float) -> None:
         """Node shutdown: end this connection with 1012 and a reconnect hint."""
         ...

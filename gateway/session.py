@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import random
 import time
 from collections.abc import Mapping
@@ -51,7 +50,7 @@ ABUSE_CLOSES = frozenset({CloseCode.POLICY_VIOLATION, CloseCode.MESSAGE_TOO_BIG,
 class Session(Outbound):
     """The server side of one WebSocket connection."""
 
-    __slots__ = ("_done", "_expiry", "_finished", "registered", "user")
+    __slots__ = ("_done", "_finished", "registered", "user")
 
     def __init__(self, ws: ServerConnection, node: NodeServices, fmt: Format) -> None:
         conn = node.new_conn_id()
@@ -61,7 +60,6 @@ class Session(Outbound):
         self.registered = False
         self._finished: asyncio.Event | None = None
         self._done = False
-        self._expiry: asyncio.TimerHandle | None = None
 
     @property
     def metas(self) -> Mapping[str, Meta]:
@@ -128,7 +126,7 @@ class Session(Outbound):
             await self._refuse(CloseCode.UNAUTHORIZED, exc.message[:120])
             return False
         self.user = claims.user
-        self.core.authenticated(claims, functools.partial(self.node.join_limiter, claims.user))
+        self.core.authenticated(claims, self.node.join_limiter)
         # The handshake's headers (~2.5 KB a connection) are not needed past
         # authentication; websockets keeps them only for the application's use (the
         # request object itself must stay: websockets reads "no request" as "handshake
@@ -159,31 +157,18 @@ class Session(Outbound):
                 async with asyncio.timeout(CLOSE_TIMEOUT + 1):
                     await self.ws.wait_closed()
             return False
-        self._arm_expiry()
         self.node.feed.opened(self.user)  # engagement: a session, online now
         log.info("connection_open", conn=self.conn, user=self.user, role=claims.role,
                  format=self.fmt.value)
         return True
 
-    def _arm_expiry(self) -> None:
-        """Close with 4001 when the token expires (exp plus ``token_leeway``)."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-        deadline = self.core.expires_ms(self.settings.lifetime.token_leeway)
-        if deadline is not None:
-            delay = max(0.0, (deadline - now_ms()) / 1000)
-            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
-
-    def _expire(self) -> None:
-        effects = self.core.expired(now_ms(), self.settings.lifetime.token_leeway)
-        if effects:
+    def expire_if_due(self, ms: int) -> None:
+        """The node's expiry loop (gateway/expiry.py): 4001 once the token expired."""
+        effects = self.core.expired(ms, self.settings.lifetime.token_leeway)
+        if effects and not self.closing:
             self.node.background(self._execute(effects))
-        elif not self.closing:  # the clock ran early: look again
-            self._arm_expiry()
 
     async def _cleanup(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
         node = self.node
         was_member = self.registered
         if self.registered:
@@ -281,9 +266,7 @@ class Session(Outbound):
             self.send({"t": "result", "ref": effect.ref, "users": users})
         elif isinstance(effect, pc.Verify):
             claims = node.auth.verify(effect.token)
-            more = self.core.refreshed(claims, effect.ref)
-            self._arm_expiry()
-            return more
+            return self.core.refreshed(claims, effect.ref)
         elif isinstance(effect, pc.DeviceUsed):  # engagement: devices used
             node.feed.device(self.user, effect.device)
         return None

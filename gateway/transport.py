@@ -78,6 +78,12 @@ class BoundedConnection(ServerConnection):
 
     policy: ClassVar[BufferPolicy] = BufferPolicy()
 
+    # Slots, not instance-dict entries: attributes added to the base class's __dict__
+    # after its own grow it out of its shared-key layout, about 1.5 KB a connection
+    # (memory per idle connection is a target).
+    __slots__ = ("_watch", "over_since", "overflowed", "queue_full", "reading_paused",
+                 "stalled_since")
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue_full = False

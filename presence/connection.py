@@ -70,6 +70,8 @@ from presence.settings import QuotaSettings
 Wire = str | bytes
 """An encoded frame, as the hub hands it to its members."""
 
+NO_CHANNELS: frozenset[str] = frozenset()
+
 
 class Grants(Protocol):
     """What a verified token grants (``gateway.auth.Claims`` has this shape)."""
@@ -218,7 +220,9 @@ class Connection:
         self.quotas = quotas
         self.grants: Grants | None = None
         self.metas: dict[str, Meta] = {}
-        self.churn_channels: set[str] = set()
+        # Shared and empty until a churn join (most connections never make one; an
+        # empty set costs 216 bytes and memory per connection is a target).
+        self.churn_channels: set[str] | frozenset[str] = NO_CHANNELS
         self.current = MetaPatch()
         # Channel -> diffs held back while its join is in flight (written after joined).
         self.backlog: dict[str, list[Wire]] = {}
@@ -230,7 +234,7 @@ class Connection:
         # Made on the first error: most connections never make one (memory per
         # connection is a target, and a deque costs ~600 bytes).
         self.errors: SlidingWindow | None = None
-        self.joins: Callable[[], SlidingWindow] | None = None
+        self.joins: Callable[[str], SlidingWindow] | None = None
 
     # -- authentication ------------------------------------------------------------------
     @staticmethod
@@ -244,9 +248,9 @@ class Connection:
             raise Unauthorized("the first frame must be hello")
         return request
 
-    def authenticated(self, grants: Grants, joins: Callable[[], SlidingWindow]) -> None:
-        """The token checked out; ``joins`` gives the user's join window (shared by the
-        user's connections on this node)."""
+    def authenticated(self, grants: Grants, joins: Callable[[str], SlidingWindow]) -> None:
+        """The token checked out; ``joins(user)`` gives the user's join window (shared
+        by the user's connections on this node)."""
         self.grants = grants
         self.joins = joins
 
@@ -342,7 +346,7 @@ class Connection:
             raise LimitExceeded(f"at most {self.max_channels()} channels per connection")
         # A re-join costs like a join (it is answered from the node's mirror, but its
         # reply is a whole snapshot).
-        retry = self.joins().hit(now)
+        retry = self.joins(grants.user).hit(now)
         if retry > 0:
             raise RateLimited(f"at most {self.quotas.joins_per_minute} joins per minute",
                               retry_after=retry)
@@ -383,7 +387,7 @@ class Connection:
     def entered(self, ch: str, meta: Meta | None) -> None:
         """:class:`Enter` succeeded: the connection is a member of ``ch``."""
         if meta is None:
-            self.churn_channels.add(ch)
+            self.churn_channels = self.churn_channels | {ch}
         else:
             self.metas[ch] = meta
 
@@ -396,7 +400,7 @@ class Connection:
     def _leave(self, req: Leave) -> list[Effect]:
         ch = req.ch
         if ch in self.churn_channels:
-            self.churn_channels.discard(ch)
+            self.churn_channels = self.churn_channels - {ch}
             effect = Exit(ch, had_meta=False, last=False)
         elif ch in self.metas:
             del self.metas[ch]
@@ -529,5 +533,5 @@ class Connection:
         """The connection is gone (its channels were left): forget everything."""
         self.closed = True
         self.metas.clear()
-        self.churn_channels.clear()
+        self.churn_channels = NO_CHANNELS
         self.backlog.clear()

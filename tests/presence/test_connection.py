@@ -76,7 +76,7 @@ class ConnectionMachine(RuleBasedStateMachine):
         self.ms = 1_700_000_000_000
         self.core = Connection("c1", QUOTAS, self.now)
         self.window = SlidingWindow(QUOTAS.joins_per_minute, 60.0)
-        self.core.authenticated(Grants(role=role), lambda: self.window)
+        self.core.authenticated(Grants(role=role), lambda user: self.window)
         self.node: dict[str, Meta | None] = {}  # channel -> this conn's meta in the Store
         self.sent: list[dict[str, Any]] = []
         self.closed_with: int | None = None
@@ -214,7 +214,7 @@ TestConnectionMachine = ConnectionMachine.TestCase
 
 def test_a_member_may_not_join_churn_nor_query() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(role="member"), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(role="member"), lambda user: SlidingWindow(100, 60.0))
     effects = core.receive(frame(t="join", ref=1, ch="churn:acme"), Format.JSON, 0.0, 0)
     assert [type(e) for e in effects] == [Fail] and effects[0].error.code == "forbidden"
     effects = core.receive(frame(t="query", ref=2, users=["x"]), Format.JSON, 0.0, 0)
@@ -225,7 +225,7 @@ def test_every_request_draws_on_one_budget_and_a_re_join_costs_a_join() -> None:
     quotas = QuotaSettings(requests_per_second=1.0, requests_burst=3, joins_per_minute=2)
     core = Connection("c1", quotas, 0.0)
     window = SlidingWindow(quotas.joins_per_minute, 60.0)
-    core.authenticated(Grants(), lambda: window)
+    core.authenticated(Grants(), lambda user: window)
     assert isinstance(core.receive(frame(t="join", ch="team:a"), Format.JSON, 0.0, 0)[0], Enter)
     core.entered("team:a", None)
     core.backlog.clear()
@@ -242,7 +242,7 @@ def test_every_request_draws_on_one_budget_and_a_re_join_costs_a_join() -> None:
 
 def test_malformed_frames_then_close_4000_and_silence() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(), lambda user: SlidingWindow(100, 60.0))
     for _ in range(QUOTAS.max_malformed):
         assert isinstance(core.receive(b"\xff", Format.JSON, 0.0, 0)[0], Fail)
     assert core.receive(b"\xff", Format.JSON, 0.0, 0) == [Close(CloseCode.MALFORMED,
@@ -252,7 +252,7 @@ def test_malformed_frames_then_close_4000_and_silence() -> None:
 
 def test_error_flood_closes_1008() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(), lambda user: SlidingWindow(100, 60.0))
     effects: list[Effect] = []
     for i in range(QUOTAS.max_errors_per_minute + 1):
         effects = core.receive(frame(t="leave", ref=i, ch="team:a"), Format.JSON, i * 0.1, 0)
@@ -271,7 +271,7 @@ def test_hello_must_come_first() -> None:
 
 def test_user_connection_limit_welcome_or_close() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(tier="paid"), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(tier="paid"), lambda user: SlidingWindow(100, 60.0))
     (welcome,) = core.registered(1, 7, "n1", 20.0, 4096, ("tok", 15.0, True))
     assert isinstance(welcome, Send)
     assert welcome.frame == {"t": "welcome", "conn": "c1", "user": "u1", "node": "n1",
@@ -289,7 +289,7 @@ def test_user_connection_limit_welcome_or_close() -> None:
 
 def test_drain_removes_every_meta_then_closes_1012() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(), lambda user: SlidingWindow(100, 60.0))
     for ch in ("team:a", "team:b"):
         core.entered(ch, new_meta("c1", None, 0))
     effects = core.drain(2.5)
@@ -300,7 +300,7 @@ def test_drain_removes_every_meta_then_closes_1012() -> None:
 
 def test_refresh_keeps_the_user_replaces_grants_and_moves_the_deadline() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(exp=100), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(exp=100), lambda user: SlidingWindow(100, 60.0))
     core.entered("team:a", new_meta("c1", None, 0))
     core.entered("churn:acme", None)
     (verify,) = core.receive(frame(t="refresh", ref=2, token="t"), Format.JSON, 0.0, 0)
@@ -322,7 +322,7 @@ def test_refresh_keeps_the_user_replaces_grants_and_moves_the_deadline() -> None
 
 def test_resumed_channels_come_back_as_joined_frames_and_set_the_current_patch() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(), lambda user: SlidingWindow(100, 60.0))
     meta = new_meta("c1", MetaPatch(status="busy", note="venue"), 5)
     effects = core.resumed({"team:a": meta})
     assert effects == [Adopt("team:a", meta), Snapshot("team:a", None, fresh=True)]
@@ -341,7 +341,7 @@ def test_resumed_channels_come_back_as_joined_frames_and_set_the_current_patch()
 
 def test_a_resumed_channel_the_token_no_longer_grants_is_left() -> None:
     core = Connection("c1", QUOTAS, 0.0)
-    core.authenticated(Grants(channels=("team:a",)), lambda: SlidingWindow(100, 60.0))
+    core.authenticated(Grants(channels=("team:a",)), lambda user: SlidingWindow(100, 60.0))
     meta = new_meta("c1", None, 5)
     assert core.resumed({"team:b": meta}) == [
         Exit("team:b", True, True), Send({"t": "left", "ref": None, "ch": "team:b"})]
