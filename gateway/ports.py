@@ -113,7 +113,8 @@ class NodeServices(Protocol):
 
     async def register(self, conn: LocalConnection, resume_hash: str, resumed: bool) -> int:
         """Record an authenticated connection (Store and local set) with the hash of its
-        resume token (``resumed``: it was adopted by a resume, not new); return the
+        resume token ("" keeps the stored one: a resume wrote it; ``resumed``: the
+        connection was adopted by a resume, not new); return the
         user's connection count across the cluster, this one included. On an
         exception nothing is registered."""
         ...

@@ -20,25 +20,6 @@ JoinedRead = Callable[[str], Awaitable[dict[str, list[Meta]]]]
 (``gateway.repair.GapRepair.joined_read``)."""
 
 
-async def snapshot(store: Store, hub: Hub, ch: str, fresh: bool) -> dict[str, Any]:
-    """The body of a ``joined`` reply: ``{"presence": ...}`` or ``{"churn": [...]}``.
-
-    ``fresh`` reads the Store and seeds the hub's mirror (a first local join);
-    otherwise a channel with a local mirror is answered from it, with no Store read
-    (a re-join: cheap, so that re-joining cannot make the node do a Store read each
-    time).
-    """
-    if is_churn(ch):
-        records = await store.churn_snapshot(churn_org(ch), MAX_SNAPSHOT)
-        return {"churn": [r.to_wire() for r in records]}
-    mirror = None if fresh else hub.mirror(ch)
-    if mirror is not None:
-        return {"presence": presence_to_wire({u: mirror.metas(u) for u in mirror.users()})}
-    presence = await store.channel_presence(ch)
-    hub.seed(ch, presence)
-    return {"presence": presence_to_wire(presence)}
-
-
 async def query_users(store: Store, users: Sequence[str]) -> dict[str, Any]:
     """The ``users`` body of a ``result`` reply (also ``GET /v1/presence``)."""
     found = await store.user_presence(users)
@@ -69,12 +50,21 @@ class Reads:
         self.joined_read = joined_read
 
     async def snapshot(self, ch: str, fresh: bool) -> dict[str, Any]:
-        """See :func:`snapshot`; a presence channel's ``fresh`` read goes through
-        :meth:`gateway.repair.GapRepair.joined_read`, so that the joiner's snapshot and
-        what the channel's other local members hold end equal."""
-        if fresh and not is_churn(ch):
-            return {"presence": presence_to_wire(await self.joined_read(ch))}
-        return await snapshot(self.store, self.hub, ch, fresh)
+        """The body of a ``joined`` reply: ``{"presence": ...}`` or ``{"churn": [...]}``.
+
+        A re-join (not ``fresh``) of a channel with a local mirror is answered from it,
+        with no Store read: re-joining cannot make the node read the Store each time.
+        Any other presence read goes through :meth:`gateway.repair.GapRepair.joined_read`,
+        which seeds or corrects the mirror, so that the joiner's snapshot and what the
+        channel's other local members hold end equal.
+        """
+        if is_churn(ch):
+            records = await self.store.churn_snapshot(churn_org(ch), MAX_SNAPSHOT)
+            return {"churn": [r.to_wire() for r in records]}
+        mirror = None if fresh else self.hub.mirror(ch)
+        if mirror is not None:
+            return {"presence": presence_to_wire({u: mirror.metas(u) for u in mirror.users()})}
+        return {"presence": presence_to_wire(await self.joined_read(ch))}
 
     async def query_users(self, users: Sequence[str]) -> dict[str, Any]:
         """See :func:`query_users`."""

@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
 from gateway.auth import bearer_token
-from gateway.holds import new_token, token_hash
+from gateway.holds import new_token
 from gateway.outbound import CLOSE_TIMEOUT, Outbound
 from gateway.ports import BackendError, NodeServices, now_ms
 from presence import connection as pc
@@ -137,11 +137,12 @@ class Session(Outbound):
         adopted, token = (None, "")
         if hello.resume is not None:  # a connection lost in the last resume_ttl seconds?
             adopted, token = await self.node.resume(self.user, hello.resume)
+        digest = ""  # a resume has stored its new token's hash already
         if adopted is not None:
             self.conn = self.core.conn = adopted.conn
         else:
-            token = new_token(self.conn)[0]
-        count = await self.node.register(self, token_hash(token), adopted is not None)
+            token, digest = new_token(self.conn)
+        count = await self.node.register(self, digest, adopted is not None)
         self.registered = True
         t, lifetime = self.settings.transport, self.settings.lifetime
         resumed = None if hello.resume is None else adopted is not None

@@ -34,10 +34,6 @@ class Transitions:
         self._ids = itertools.count(1)
         self._batch: list[Event] = []
 
-    @property
-    def enabled(self) -> bool:
-        return self.sink is not None
-
     def online(self, user: str) -> None:
         self._add("user.online", user=user)
 
