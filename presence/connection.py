@@ -337,10 +337,9 @@ class Connection:
         ch = req.ch
         grants = self.grants
         assert grants is not None and self.joins is not None
-        if is_churn(ch) and not grants.may_read_churn:
-            raise Forbidden(f"role {grants.role} may not join churn channels")
-        if not channel_allowed(ch, grants.channels):
-            raise Forbidden(f"token does not allow channel {ch}")
+        refusal = self._refusal(ch)
+        if refusal is not None:
+            raise Forbidden(refusal)
         joined = ch in self.metas or ch in self.churn_channels
         if not joined and len(self.metas) + len(self.churn_channels) >= self.max_channels():
             raise LimitExceeded(f"at most {self.max_channels()} channels per connection")
@@ -371,7 +370,7 @@ class Connection:
         comes from the metas, so later joins inherit what the client had set."""
         effects: list[Effect] = []
         for ch, meta in channels.items():
-            if not self._granted(ch):  # the token presented no longer grants it
+            if self._refusal(ch) is not None:  # the token presented no longer grants it
                 effects += [Exit(ch, meta is not None, not self.metas),
                             Send({"t": "left", "ref": None, "ch": ch})]
                 continue
@@ -437,15 +436,19 @@ class Connection:
         self.grants = grants
         effects: list[Effect] = []
         for ch in self.joined_channels():
-            if not self._granted(ch):
+            if self._refusal(ch) is not None:
                 effects += self._leave(Leave(None, ch))
         return [*effects, Send({"t": "refreshed", "ref": ref, "exp": grants.exp})]
 
-    def _granted(self, ch: str) -> bool:
-        assert self.grants is not None
-        if is_churn(ch) and not self.grants.may_read_churn:
-            return False
-        return channel_allowed(ch, self.grants.channels)
+    def _refusal(self, ch: str) -> str | None:
+        """Why the current token does not grant ``ch``; None when it does."""
+        grants = self.grants
+        assert grants is not None
+        if is_churn(ch) and not grants.may_read_churn:
+            return f"role {grants.role} may not join churn channels"
+        if not channel_allowed(ch, grants.channels):
+            return f"token does not allow channel {ch}"
+        return None
 
     def expires_ms(self, leeway: float) -> int | None:
         """When the connection is closed for its token (``exp`` plus ``leeway``
