@@ -596,8 +596,11 @@ class ResumingClient:
         finally:
             if not pong.done():
                 pong.cancel()
-            with contextlib.suppress(BaseException):
-                await pong
+            # asyncio.wait neither raises the pong's outcome nor swallows a cancellation
+            # of this task (suppressing BaseException here kept close() waiting forever).
+            await asyncio.wait({pong})
+            if not pong.cancelled():
+                pong.exception()  # retrieved: a failed ping only ends the wait
 
     async def _join_all(self, link: _Link, channels: list[str]) -> list[str]:
         failed: list[str] = []
@@ -836,8 +839,7 @@ class ResumingClient:
         for task in (self._supervisor, self._refresher):
             if task is not None and not task.done():
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await asyncio.wait({task}, timeout=self.timeout)  # bounded, whatever it does
         if self.link is not None:
             await self.link.close()
         if self.status != "closed":
