@@ -4,7 +4,8 @@ For every channel with local members the hub keeps the pending diff (changes rec
 from the broker and not yet sent) and a mirror of the channel's state (used to repair
 the local view after a broker gap). A flush encodes the diff once per wire format,
 serializes it once as a WebSocket frame and writes the same bytes to every member's
-socket without awaiting any of them (:func:`gateway.transport.write_prepared`); members
+socket without awaiting any of them (:func:`gateway.transport.prepare`), where
+``websockets.broadcast`` would write (open, no fragmented message in progress); members
 whose own changes are in the diff get a copy without them. A member whose unsent buffer
 has passed ``max_buffer`` is closed (1008) instead of written to, so a stuck client
 cannot grow the node's memory.
@@ -17,11 +18,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from gateway.transport import prepare, write_prepared
+from websockets.protocol import State
+
+from gateway.transport import prepare
 from presence.codec import Format, encode
 from presence.diff import PendingDiff
 from presence.meta import Meta
 from presence.state import ChannelState
+
+OPEN = State.OPEN
 
 
 class Member(Protocol):
@@ -177,10 +182,14 @@ class Hub:
         name = channel.name
         own = pending.conns()
         limit = self.max_buffer
-        direct: dict[Format, list[Any]] = {}
-        indirect: list[Member] = []
-        # One pass over the members: the slow-consumer check reads the transport's
-        # buffer directly (this loop is the fan-out hot path).
+        frame: dict[str, Any] | None = None
+        # Per format: (payload, its prepared frame); built on first use.
+        shared: dict[Format, tuple[str | bytes, bytes]] = {}
+        frames = 0
+        nbytes = 0
+        # One pass over the members, writing as it goes (this loop is the fan-out hot
+        # path): the slow-consumer and protocol-state checks read the transport and the
+        # protocol directly, and the frame serialized once is written to each socket.
         for member in tuple(channel.members):
             if member.conn in own:
                 if member.buffered() > limit:
@@ -190,32 +199,31 @@ class Hub:
                 if personal is not None:
                     self._count(1, _write(member, encode(personal, member.fmt), name))
                 continue
+            entry = shared.get(member.fmt)
+            if entry is None:
+                if frame is None:
+                    frame = pending.frame(name)
+                    if frame is None:  # not reached: a non-empty diff has entries
+                        break
+                data = encode(frame, member.fmt)
+                entry = shared[member.fmt] = (data, prepare(data))
             ws = member.direct(name)
             if ws is None:
-                indirect.append(member)  # waiting for its joined reply, or closing
-                continue
-            transport = ws.transport
-            if transport is not None and transport.get_write_buffer_size() > limit:
-                member.slow_consumer()
-                continue
-            direct.setdefault(member.fmt, []).append(ws)
-        frames = 0
-        nbytes = 0
-        frame = pending.frame(name) if direct or indirect else None
-        if frame is not None:
-            shared: dict[Format, str | bytes] = {}
-            for fmt, sockets in direct.items():
-                data = shared[fmt] = encode(frame, fmt)
-                # Serialized once, the same bytes written to every member's socket.
-                sent = write_prepared(sockets, prepare(data))
-                frames += sent
-                nbytes += len(data) * sent
-            for member in indirect:
-                data = shared.get(member.fmt) or shared.setdefault(
-                    member.fmt, encode(frame, member.fmt))
-                member.write_frame(data, name)
-                frames += 1
-                nbytes += len(data)
+                # Waiting for its joined reply (the core holds the frame), or closing.
+                member.write_frame(entry[0], name)
+            else:
+                transport = ws.transport
+                if transport.get_write_buffer_size() > limit:
+                    member.slow_consumer()
+                    continue
+                # What websockets.broadcast checks (open, no fragmented message going).
+                protocol = ws.protocol
+                if (protocol.state is not OPEN or ws.send_in_progress is not None
+                        or protocol.expect_continuation_frame):
+                    continue
+                transport.write(entry[1])
+            frames += 1
+            nbytes += len(entry[0])
         if self.on_flush is not None and pending.ts is not None:
             self.on_flush(frames, nbytes, max(0.0, (self.clock_ms() - pending.ts) / 1000.0))
 

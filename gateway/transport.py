@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
@@ -142,11 +141,6 @@ class BoundedConnection(ServerConnection):
         super().send_data()
         self._note_size()
 
-    def wrote(self) -> None:
-        """Bytes were written to the transport around the protocol (a prepared frame):
-        the buffer watch looks at them as it does after :meth:`send_data`."""
-        self._note_size()
-
     # -- the watch while writing is paused --------------------------------------------
     def _note_size(self) -> None:
         if (self.over_since is None
@@ -227,20 +221,3 @@ def prepare(data: str | bytes) -> bytes:
         return Frame(Opcode.TEXT, data.encode()).serialize(mask=False, extensions=[])
     return Frame(Opcode.BINARY, data).serialize(mask=False, extensions=[])
 
-
-def write_prepared(connections: list[Connection], raw: bytes) -> int:
-    """Write the prepared frame ``raw`` (:func:`prepare`) to each connection that
-    ``websockets.broadcast`` would write to: open, and not in the middle of a
-    fragmented message; returns how many got it. Server frames are unmasked and no
-    extension is negotiated, so the bytes are the same for every connection: the
-    frame is serialized once instead of once per connection."""
-    written = 0
-    for ws in connections:
-        if (ws.protocol.state is not State.OPEN or ws.send_in_progress is not None
-                or ws.protocol.expect_continuation_frame):
-            continue
-        ws.transport.write(raw)
-        if isinstance(ws, BoundedConnection):
-            ws.wrote()
-        written += 1
-    return written
