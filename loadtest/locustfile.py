@@ -11,6 +11,12 @@ Each Locust user is one distinct presence user (the gateway allows 10 connection
 of a team channel ``team:lt-<n>`` (~20 users per team), then ``update`` every few
 seconds and, rarely, a reconnect. A gevent greenlet per user reads frames.
 
+Several gateways: ``--hosts ws://a,ws://b`` (or the environment variable
+``LOADTEST_HOSTS``, the same comma-separated list) spreads the users over them, user
+``i`` of a process on gateway ``i % N`` for all its connections; teams are consecutive
+users, so the members of a team sit on different gateways. Without it every user
+connects to ``--host``.
+
 Recorded in Locust's tables and CSV (``events.request.fire``):
 
 - ``WS connect``: connect + hello + welcome + join -> joined, in ms;
@@ -59,6 +65,7 @@ TEAM_SIZE = 20
 SUBPROTOCOL = "presence.v1.json"
 STATUSES = ("online", "away", "busy")
 DEVICES = ("web", "mobile", "tablet")
+HOSTS_ENV = "LOADTEST_HOSTS"
 
 _ids = itertools.count()
 _pending: list[tuple[str, str, float, int, BaseException | None]] = []
@@ -76,6 +83,9 @@ def _options(parser: Any) -> None:
                         help="seconds between reconnect storms (storm scenario)")
     parser.add_argument("--team-size", type=int, default=TEAM_SIZE,
                         help="users per team channel")
+    parser.add_argument("--hosts", env_var=HOSTS_ENV, default="",
+                        help="comma-separated gateway URLs to spread the users over "
+                             "(user i on gateway i %% N); empty: every user on --host")
 
 
 def record(kind: str, name: str, ms: float, length: int = 0,
@@ -149,7 +159,11 @@ class PresenceUser(User):
         index = _worker_index(environment) * 1_000_000 + next(_ids)
         self.user = f"lt-{os.getpid()}-{index}"
         self.channel = f"team:lt-{index // self.team_size}"
-        base = (self.host or "ws://127.0.0.1:8765").rstrip("/")
+        hosts = [h.strip() for h in str(getattr(opts, "hosts", "") or "").split(",")
+                 if h.strip()]
+        # User i on gateway i % N: a team's consecutive members land on different ones.
+        base = (hosts[index % len(hosts)] if hosts
+                else self.host or "ws://127.0.0.1:8765").rstrip("/")
         self.url = base if base.endswith("/ws") else base + "/ws"
         self.secret = os.environ.get("PRESENCE_JWT_SECRET", "")
         self.ws: websocket.WebSocket | None = None

@@ -290,3 +290,38 @@ def cluster(action: str, base_port: int) -> None:
     """``config/redis-cluster/cluster.sh <action> <base_port>`` (start or stop)."""
     subprocess.run(["bash", str(CLUSTER_SCRIPT), action, str(base_port)], check=True,
                    timeout=120, capture_output=True)
+
+
+def histogram_quantiles_merged(admin_urls: list[str], metric: str,
+                               qs: tuple[float, ...] = (0.5, 0.95, 0.99)
+                               ) -> dict[float, float | None]:
+    """``histogram_quantiles`` of the buckets of several gateways added together (a
+    gateway that does not answer is left out; ``{}`` when none answers)."""
+    counts: dict[float, float] = {}
+    prefix = f"{metric}_bucket{{"
+    answered = False
+    for admin_url in admin_urls:
+        try:
+            text = http_get(f"{admin_url}/metrics", timeout=3.0)
+        except OSError:
+            continue
+        answered = True
+        for line in text.splitlines():
+            if line.startswith(prefix) and 'le="' in line:
+                le = float(line.split('le="', 1)[1].split('"', 1)[0])
+                counts[le] = counts.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    if not answered:
+        return {}
+    buckets = sorted(counts.items())
+    total = buckets[-1][1] if buckets else 0.0
+    return {q: next((le for le, cum in buckets if total and cum >= q * total), None)
+            for q in qs}
+
+
+def ports_in_use(ports: list[int]) -> list[int]:
+    """The ports of ``ports`` on which something accepts TCP connections on 127.0.0.1."""
+    busy = []
+    for port in ports:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            busy.append(port)
+    return busy
