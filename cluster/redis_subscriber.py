@@ -78,37 +78,54 @@ class NodeSubscriber:
         self._unsubscribing: dict[str, int] = {}
         """Channel -> our SUNSUBSCRIBE commands whose reply has not been read yet."""
         self._reader: asyncio.Task[None] | None = None
+        # One command written at a time: redis-py's PubSub connects on its first
+        # command, and two first commands at once would each open a connection of their
+        # own while the reader reads only one (the other's channels then receive nothing,
+        # for good, with nothing in the log).
+        self._writing = asyncio.Lock()
 
     async def subscribe(self, channels: Iterable[str]) -> None:
         """SSUBSCRIBE ``channels`` and return once the server acknowledged each.
 
-        Raises :class:`BackendUnavailable` (after marking itself dead) when the master
-        cannot be reached or does not answer within the ack timeout.
+        A channel counts as held once its command is written; a channel held already
+        but not acknowledged yet is waited for as well. Raises
+        :class:`BackendUnavailable` (after marking itself dead) when the master cannot
+        be reached, or when an ack does not come within the ack timeout (the channel
+        stays held: the command went out). Cancelled before the command was written,
+        the channels are not held.
         """
-        new = [c for c in channels if c not in self.channels]
-        if not new:
+        wanted = list(channels)
+        async with self._writing:
+            if self.dead:
+                raise BackendUnavailable(f"redis: subscriber {self.addr} is closed")
+            new = [c for c in wanted if c not in self.channels]
+            loop = asyncio.get_running_loop()
+            for c in new:
+                fut = self._acks.get(c)
+                if fut is None or fut.done():
+                    self._acks[c] = loop.create_future()
+            by_slot: dict[int, list[str]] = {}
+            for c in new:
+                by_slot.setdefault(keys.slot(c), []).append(c)
+            try:
+                for group in by_slot.values():
+                    await guarded(self._pubsub.ssubscribe(*group), self._ack_timeout)
+                    self.channels.update(group)
+            except BackendUnavailable as exc:
+                self._fail(exc)  # the command could not be written: the connection is gone
+                raise
+            except BaseException:
+                for c in new:
+                    if c not in self.channels:
+                        fut = self._acks.pop(c, None)
+                        if fut is not None and not fut.done():
+                            fut.cancel()
+                raise
+            if self._reader is None:
+                self._reader = asyncio.create_task(self._read(), name=f"redis-sub-{self.addr}")
+        waits = [f for c in wanted if (f := self._acks.get(c)) is not None]
+        if not waits:
             return
-        if self.dead:
-            raise BackendUnavailable(f"redis: subscriber {self.addr} is closed")
-        loop = asyncio.get_running_loop()
-        waits = []
-        for c in new:
-            fut = self._acks.get(c)
-            if fut is None or fut.done():
-                fut = self._acks[c] = loop.create_future()
-            waits.append(fut)
-        self.channels.update(new)
-        by_slot: dict[int, list[str]] = {}
-        for c in new:
-            by_slot.setdefault(keys.slot(c), []).append(c)
-        try:
-            for group in by_slot.values():
-                await guarded(self._pubsub.ssubscribe(*group), self._ack_timeout)
-        except BackendUnavailable as exc:
-            self._fail(exc)  # the command could not be written: the connection is gone
-            raise
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read(), name=f"redis-sub-{self.addr}")
         # asyncio.wait leaves the futures alone on timeout: a late acknowledgement is
         # not a lost master. Under load the reader may simply be behind (it declares
         # the connection dead itself when the master stops answering its PINGs), so
@@ -125,24 +142,26 @@ class NodeSubscriber:
 
     async def unsubscribe(self, channels: Iterable[str]) -> None:
         """SUNSUBSCRIBE ``channels`` (best effort: a dead connection drops them anyway)."""
-        gone = [c for c in channels if c in self.channels]
-        if not gone or self.dead:
+        wanted = list(channels)
+        async with self._writing:
+            gone = [c for c in wanted if c in self.channels]
+            if not gone or self.dead:
+                self.channels.difference_update(gone)
+                return
             self.channels.difference_update(gone)
-            return
-        self.channels.difference_update(gone)
-        for c in gone:
-            self._unsubscribing[c] = self._unsubscribing.get(c, 0) + 1
-            fut = self._acks.pop(c, None)
-            if fut is not None and not fut.done():
-                fut.cancel()
-        by_slot: dict[int, list[str]] = {}
-        for c in gone:
-            by_slot.setdefault(keys.slot(c), []).append(c)
-        try:
-            for group in by_slot.values():
-                await guarded(self._pubsub.sunsubscribe(*group), self._ack_timeout)
-        except BackendUnavailable as exc:
-            self._fail(exc)
+            for c in gone:
+                self._unsubscribing[c] = self._unsubscribing.get(c, 0) + 1
+                fut = self._acks.pop(c, None)
+                if fut is not None and not fut.done():
+                    fut.cancel()
+            by_slot: dict[int, list[str]] = {}
+            for c in gone:
+                by_slot.setdefault(keys.slot(c), []).append(c)
+            try:
+                for group in by_slot.values():
+                    await guarded(self._pubsub.sunsubscribe(*group), self._ack_timeout)
+            except BackendUnavailable as exc:
+                self._fail(exc)
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()

@@ -221,7 +221,8 @@ class Session(Outbound):
                 await self._failed(effect, exc)
                 return
             except BackendError as exc:
-                log.warning("backend_error", conn=self.conn, error=type(exc).__name__)
+                log.warning("backend_error", conn=self.conn, error=type(exc).__name__,
+                            detail=str(exc)[:200], effect=type(effect).__name__)
                 await self._failed(effect, Overloaded("backend unavailable, retry later",
                                                       retry_after=2.0))
                 return

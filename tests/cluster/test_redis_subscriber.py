@@ -9,6 +9,16 @@
   SUNSUBSCRIBE is expected, not a server push (it used to report the channel lost).
 * Whatever ends the reader (here: a delivery callback that raises something else than a
   Redis or OS error) reports every channel lost: the reader never stops silently.
+* Subscribes of several channels at once on a fresh subscriber (the first joins of a
+  gateway that just started): redis-py's ``PubSub`` connects on its first command, and
+  two first commands at once each opened a connection of their own, while the reader
+  read only one of them. The other channel's messages went to a socket nobody read,
+  its ack never came, and the retry found the channel "held" and returned: a channel
+  that received nothing for good, without a line in the log (found by the bench's
+  delivery count through Redis Cluster: one team lost every message from the other
+  gateway).
+* A subscribe cancelled before its command went out (a joiner that gave up) leaves the
+  channel not held, so that the next subscribe sends the command.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import pytest
 import redis
 
 from cluster import keys
+from cluster.base import BackendUnavailable
 from cluster.redis_subscriber import NodeSubscriber
 from tests.fixtures.redis_cluster import ClusterControl
 
@@ -129,5 +140,53 @@ async def test_reader_ended_by_any_exception_reports_its_channels_lost(
         await asyncio.wait_for(rec.lost_event.wait(), 3)
         assert rec.lost == [frozenset(chans)]
         assert sub.dead
+    finally:
+        await sub.close()
+
+
+async def test_concurrent_first_subscribes_all_receive(
+    redis_cluster_control: ClusterControl, master: int
+) -> None:
+    chans = channels_on(redis_cluster_control, master, 6)
+    rec = Recorder()
+    sub = new_sub(master, rec)
+    try:
+        # Each in its own task, as the node's joiners do; a late ack is retried the
+        # way the broker does it.
+        async def subscribe(ch: str) -> None:
+            for _ in range(3):
+                try:
+                    await sub.subscribe([ch])
+                    return
+                except BackendUnavailable:
+                    continue
+
+        await asyncio.wait_for(asyncio.gather(*(subscribe(c) for c in chans)), 20)
+        assert not sub.dead
+        for ch in chans:
+            publish(master, ch, ch.encode())
+            assert await received(rec) == (ch, ch.encode()), ch
+    finally:
+        await sub.close()
+
+
+async def test_a_subscribe_cancelled_before_its_command_leaves_the_channel_not_held(
+    redis_cluster_control: ClusterControl, master: int
+) -> None:
+    first, ch = channels_on(redis_cluster_control, master, 2)
+    rec = Recorder()
+    sub = new_sub(master, rec)
+    try:
+        blocker = asyncio.ensure_future(sub.subscribe([first]))
+        task = asyncio.ensure_future(sub.subscribe([ch]))
+        await asyncio.sleep(0)  # both started; the second waits behind the first
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(blocker, 5)
+        assert ch not in sub.channels
+        await asyncio.wait_for(sub.subscribe([ch]), 5)
+        publish(master, ch, b"after")
+        assert await received(rec) == (ch, b"after")
     finally:
         await sub.close()
