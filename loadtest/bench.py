@@ -2,26 +2,46 @@
 
 Usage (from the repository root, in the load venv)::
 
-    python -m loadtest.bench [all|idle|propagation|fanout|cluster|peer ...] [--quick]
-                             [--procs N] [--connections N] [--duration S]
+    python -m loadtest.bench [all|idle|propagation|fanout|cluster|peer|acceptance ...]
+                             [--runs N] [--acceptance-runs N] [--quick]
+                             [--profile | --no-profile] [--write-docs [FILE]]
+                             [--procs N] [--connections N] [--duration S] [--no-plots]
 
 Measurements (DESIGN.md, "Targets"):
 
 - ``idle``: connections held and server RSS per idle connection (VmRSS before/after),
   and the connect rate (hello + join, concurrent);
-- ``propagation``: propagation p50/p95/p99 at 1,000 updates/s into 20-member channels;
-- ``fanout``: frames/s of one channel of 1,000 members against bare
+- ``propagation``: propagation p50/p95/p99 at 1,000 updates/s into 20-member channels,
+  delivered against expected deliveries, server CPU per delivered update;
+- ``fanout``: frames/s of one channel of 250, 500 and 1,000 members against bare
   ``websockets.broadcast()`` of the same payload size to the same number of clients;
-- ``cluster``: the propagation measurement through Redis Cluster across two gateways
-  (skipped with a message when ``config/redis-cluster/cluster.sh`` is missing);
+- ``cluster``: the propagation measurement through Redis Cluster across two gateways,
+  each run with the single-process figures of the same run (p99 added, CPU ratio);
+  skipped with a message when ``config/redis-cluster/cluster.sh`` is missing;
 - ``peer``: the same room workload on python-socketio with its Redis manager;
 - ``acceptance``: the Locust acceptance run (``loadtest.acceptance``, 2,000 users,
   60 s); ``all`` includes it except with ``--quick`` (the smoke runs it on its own).
 
-Prints a table, writes ``loadtest/results/bench.json`` (merged with the figures of
-measurements not run this time) and PNG plots to ``loadtest/results/``. ``--quick``
-shrinks every size for a CI smoke run (under a minute or two). Exit status 1 when a
-measurement failed or produced no latency samples; targets missed only print.
+Every measurement but ``acceptance`` runs ``--runs`` times (default 3, 1 with
+``--quick``); ``acceptance`` runs ``--acceptance-runs`` times (default 1). The table
+gives each figure as ``median (min-max)`` over the runs, the runs it comes from, the
+target and a verdict (``met`` or ``missed by X %``; ``loadtest/verdicts.py``). Ratios
+(gateway/bare, cluster/one process, ours/python-socketio) are taken within each run,
+then their median and spread over the runs.
+
+``--profile`` (the default for ``all`` without ``--quick``): for each measurement with
+a target missed, one more run with the gateway recorded by py-spy
+(``loadtest/profiling.py``); the top 10 functions by own and by total samples are
+printed, the raw profile is kept in ``loadtest/results/profile-*.txt.tmp``. The
+profiled run's figures are not counted.
+
+Writes ``loadtest/results/bench.json`` (every run's figures, their median/min/max, the
+rows; merged with the results of measurements not run this time) and PNG plots to
+``loadtest/results/``. ``--write-docs`` rewrites the generated section of
+``docs/benchmarks.md`` (between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``)
+with this invocation's table, command line, machine and time. ``--quick`` shrinks every
+size for a CI smoke run (its files end in ``.tmp``). Exit status 1 when a run failed or
+produced no latency samples; targets missed only print.
 """
 
 from __future__ import annotations
@@ -31,6 +51,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 import traceback
@@ -38,13 +59,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loadtest import acceptance, measures, plots
-from loadtest.procs import RESULTS
-from loadtest.stats import fmt
+from loadtest import acceptance, measures, plots, profiling, verdicts
+from loadtest.procs import RESULTS, ROOT
+from loadtest.profiling import Probe
 
 ALL = ("idle", "propagation", "fanout", "cluster", "peer", "acceptance")
-RUNNERS: dict[str, Callable[[measures.Sizes], dict[str, Any]]] = {
-    "acceptance": lambda sz: acceptance.measure(sz.acceptance_users, sz.acceptance_duration),
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def _acceptance(sz: measures.Sizes, probe: Probe | None = None) -> dict[str, Any]:
+    # loadtest.acceptance starts its own gateway: the probe finds it among our children.
+    stop = profiling.watch_child(probe, "gateway") if probe is not None else None
+    try:
+        return acceptance.measure(sz.acceptance_users, sz.acceptance_duration)
+    finally:
+        if stop is not None:
+            stop()
+
+
+RUNNERS: dict[str, Callable[[measures.Sizes, Probe | None], dict[str, Any]]] = {
+    "acceptance": _acceptance,
     "idle": measures.measure_idle,
     "propagation": measures.measure_propagation,
     "fanout": measures.measure_fanout,
@@ -54,117 +89,50 @@ RUNNERS: dict[str, Callable[[measures.Sizes], dict[str, Any]]] = {
 
 
 def machine() -> dict[str, Any]:
-    model = ""
+    model, mem_kb = "", None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    except OSError:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+                break
+    except (OSError, ValueError):
         pass
     return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(),
+            "memory_gib": round(mem_kb / 2**20, 1) if mem_kb else None}
 
 
-def strip_samples(obj: Any) -> Any:
-    """The result without raw latency samples (kept only for the plots)."""
+def machine_text(m: dict[str, Any]) -> str:
+    return (f"{m.get('nproc')} CPUs ({m.get('cpu') or 'model unknown'}), "
+            f"{m.get('memory_gib')} GiB, Python {m.get('python')}, {m.get('platform')}")
+
+
+def strip_samples(obj: Any, keep: Callable[[Any], bool] = lambda _: False) -> Any:
+    """The result without raw latency samples (kept only for the plots); ``keep`` spares
+    the dicts it accepts (the run whose samples are plotted)."""
     if isinstance(obj, dict):
-        return {k: strip_samples(v) for k, v in obj.items() if k != "samples"}
+        if keep(obj):
+            return obj
+        return {k: strip_samples(v, keep) for k, v in obj.items() if k != "samples"}
     if isinstance(obj, list):
-        return [strip_samples(v) for v in obj]
+        return [strip_samples(v, keep) for v in obj]
     return obj
 
 
-def lat(d: dict[str, Any] | None) -> str:
-    if not d:
-        return "-"
-    return f"{fmt(d.get('p50'), '', 0)} / {fmt(d.get('p95'), '', 0)} / {fmt(d.get('p99'), '', 0)}"
-
-
-def table(res: dict[str, Any], all_res: dict[str, Any] | None = None
-          ) -> list[tuple[str, str, str]]:
-    """(measure, figure, target) rows for the stdout table and docs/benchmarks.md.
-
-    ``all_res`` (default ``res``) supplies the single-node propagation baseline that the
-    Redis Cluster row subtracts, when that measurement was not run this time.
-    """
-    all_res = res if all_res is None else all_res
-    rows: list[tuple[str, str, str]] = []
-    if (r := res.get("idle")) and "error" not in r:
-        rows += [
-            ("connections held (idle)", f"{fmt(r['connected'])} of {fmt(r['target'])}",
-             "10,000"),
-            ("server RSS per idle connection (hello+join)", fmt(r["kb_per_connection"], " KB"),
-             "< 18 KB"),
-            ("server RSS per idle connection (hello only)",
-             fmt(r["hello_only"]["kb_per_connection"], " KB"), "< 18 KB"),
-            ("connect rate (hello+join)", fmt(r["connect_rate"], " conn/s", 0), "-"),
-            ("connect time p50 / p99", f"{fmt(r['connect_ms']['p50'])} / "
-             f"{fmt(r['connect_ms']['p99'])} ms", "-"),
-        ]
-    if (r := res.get("acceptance")) and "error" not in r:
-        pm = r.get("propagation_ms") or {}
-        rows += [
-            (f"Locust acceptance: {r['users']} users, {r['duration']:.0f} s, {r['scenario']}",
-             f"held {fmt(r['connections_held'], '', 0)}, errors {r['errors']}, connect p50 "
-             f"{fmt(r['connect_p50_ms'], ' ms', 0)}", "no errors"),
-            ("Locust propagation p50/p95/p99", lat(pm) + " ms", "p95 < 2,000 ms"),
-        ]
-    if (r := res.get("propagation")) and "error" not in r:
-        rows.append((f"propagation p50/p95/p99 @ {fmt(r['rate'], '', 0)} upd/s, "
-                     f"{r['channel_size']}-member channels",
-                     lat(r["latency_ms"]) + " ms", "p99 < 250 ms"))
-        srv = r.get("server_side_ms") or {}
-        rows.append(("  of which in the gateway (ts -> written, bucket bounds)",
-                     " / ".join(f"<= {fmt(srv.get(q), '', 0)}" for q in ("0.5", "0.95", "0.99"))
-                     + " ms", "-"))
-    if (r := res.get("fanout")) and "error" not in r:
-        for p in r["points"]:
-            rows.append((f"fan-out, 1 channel x {p['members']} members, "
-                         f"{p['payload_bytes']} B frames",
-                         f"{fmt(p['gateway_frames_per_s'], '', 0)} vs bare "
-                         f"{fmt(p['bare_frames_per_s'], '', 0)} frames/s = "
-                         f"{fmt(p['ratio'], '', 2)}", ">= 0.75"))
-    if (r := res.get("cluster")):
-        if "skipped" in r:
-            rows.append(("propagation via Redis Cluster", "skipped: " + r["skipped"], "-"))
-        elif "error" not in r:
-            base = (all_res.get("propagation") or {}).get("latency_ms", {}).get("p99")
-            added = r["latency_ms"]["p99"] - base if base is not None and \
-                r["latency_ms"]["p99"] is not None else None
-            rows.append(("propagation via Redis Cluster, 2 gateways",
-                         lat(r["latency_ms"]) + f" ms (p99 added {fmt(added, ' ms', 0)})",
-                         "p99 added < 100 ms"))
-    if (r := res.get("peer")) and "error" not in r:
-        for who in ("ours", "peer"):
-            s = r[who]
-            rows.append((f"{who}: max sustained upd/s ({r['clients']} clients, rooms of "
-                         f"{r['channel_size']})",
-                         f"{fmt(s['max_sustained'], '', 0)} (CPU "
-                         f"{fmt(s['cpu_us_per_entry'], ' us', 1)}/delivered update)", "-"))
-        rows.append(("ours / python-socketio", f"sustained x{fmt(r['ratio_sustained'], '', 2)}"
-                     f", CPU efficiency x{fmt(r['ratio_cpu_efficiency'], '', 2)}", ">= 3x"))
-    for name, r in res.items():
-        if isinstance(r, dict) and "error" in r:
-            rows.append((name, "FAILED: " + r["error"].splitlines()[-1][:80], "-"))
-    return rows
-
-
-def print_table(rows: list[tuple[str, str, str]]) -> None:
-    w0 = max((len(r[0]) for r in rows), default=10)
-    w1 = max((len(r[1]) for r in rows), default=10)
-    print(f"{'measure':<{w0}}  {'figure':<{w1}}  target")
-    print(f"{'-' * w0}  {'-' * w1}  ------")
-    for a, b, c in rows:
-        print(f"{a:<{w0}}  {b:<{w1}}  {c}")
-
-
 def check(name: str, r: dict[str, Any]) -> str | None:
-    """Why a measurement counts as broken (not as a missed target), or None."""
+    """Why a run counts as broken (not as a missed target), or None."""
     if "error" in r:
-        return f"{name}: {r['error'].splitlines()[-1]}"
-    if name in ("propagation", "cluster") and "skipped" not in r and not r["latency_ms"]["n"]:
+        return f"{name}: {r['error'].strip().splitlines()[-1]}"
+    if "skipped" in r:
+        return None
+    if name in ("propagation", "cluster") and not r["latency_ms"]["n"]:
         return f"{name}: no latency samples"
+    if name == "cluster" and not r["single"]["latency_ms"]["n"]:
+        return "cluster: no latency samples from the single process"
     if name == "acceptance" and not r.get("propagation_samples"):
         return "acceptance: no propagation samples"
     if name == "idle" and not r["connected"]:
@@ -177,11 +145,158 @@ def check(name: str, r: dict[str, Any]) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+# -- runs ----------------------------------------------------------------------------------
+def one_run(name: str, sz: measures.Sizes, probe: Probe | None = None) -> dict[str, Any]:
+    t0 = time.monotonic()
+    try:
+        run = RUNNERS[name](sz, probe)
+    except Exception:
+        run = {"error": traceback.format_exc()}
+        print(run["error"], file=sys.stderr)
+    run["elapsed_s"] = round(time.monotonic() - t0, 1)
+    run["figures"] = verdicts.figures(name, run)
+    return run
+
+
+def finish(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A measurement's entry: its runs, the spread of every figure, the table rows."""
+    per_run = [r["figures"] for r in runs]
+    entry: dict[str, Any] = {"runs": runs, "summary": verdicts.summarize(per_run),
+                             "plot_run": verdicts.representative(name, per_run)}
+    entry["rows"] = [dataclasses.asdict(row) for row in verdicts.rows(name, entry)]
+    return entry
+
+
+def repeat(name: str, sz: measures.Sizes, n: int) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    for i in range(n):
+        print(f"== {name} (run {i + 1} of {n}) ...", flush=True)
+        runs.append(one_run(name, sz))
+        print(f"   done in {runs[-1]['elapsed_s']} s", flush=True)
+        if "skipped" in runs[-1]:
+            break
+    return finish(name, runs)
+
+
+def profiled(name: str, sz: measures.Sizes) -> dict[str, Any]:
+    """One more run with the gateway recorded by py-spy; its figures are not counted."""
+    print(f"== {name} (one more run, gateway profiled with py-spy) ...", flush=True)
+    probe = profiling.PySpy(name, RESULTS)
+    run = one_run(name, sz, probe)
+    probe.end()
+    print(f"   done in {run['elapsed_s']} s", flush=True)
+    out = {"figures": run["figures"], **probe.summary()}
+    if "error" in run:
+        out["run_error"] = run["error"].strip().splitlines()[-1]
+    return out
+
+
+def profile_text(name: str, prof: dict[str, Any]) -> list[str]:
+    files = [w["file"] for w in prof.get("windows", []) if "error" not in w]
+    errors = sorted({w["error"] for w in prof.get("windows", []) if "error" in w})
+    head = f"profile of {name}'s gateway"
+    if not prof.get("samples"):
+        why = "; ".join(errors) or prof.get("run_error") or "no samples recorded"
+        return [f"{head}: not taken: {why}"]
+    pids = sorted({w["pid"] for w in prof["windows"]})
+    lines = [f"{head} (pid {', '.join(map(str, pids))}, {len(files)} window(s) of the "
+             f"profiled run; raw: {', '.join(os.path.relpath(f, ROOT) for f in files)})"]
+    lines += [f"  window not recorded: {e}" for e in errors]
+    return lines + profiling.format_top(prof)
+
+
+# -- output ---------------------------------------------------------------------------------
+HEADER = ("measure", "figure: median (min-max)", "runs", "target", "verdict")
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [(r["measure"], r["figure"], r["runs"], r["target"], r["verdict"])
+            for name in ALL if name in results for r in results[name]["rows"]]
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max([len(HEADER[i]), *(len(r[i]) for r in rows)]) for i in range(len(HEADER) - 1)]
+    for line in (HEADER, tuple("-" * len(h) for h in HEADER), *rows):
+        print("  ".join(f"{c:<{w}}" for c, w in zip(line, widths, strict=False))
+              + "  " + line[-1])
+
+
+def docs_section(rows: list[tuple[str, ...]], doc: dict[str, Any],
+                 profiles: dict[str, dict[str, Any]]) -> str:
+    """The generated part of docs/benchmarks.md, markers included."""
+    def cell(text: str) -> str:
+        indent = len(text) - len(text.lstrip(" "))
+        return "&emsp;" * (indent // 2) + text.strip().replace("|", "\\|") or " "
+
+    runs = doc["runs"]
+    lines = [BEGIN, "",
+             f"`{doc['command']}` at {doc['generated_at']} (`generated_at` of `bench.json`), "
+             f"on {machine_text(doc['machine'])}."
+             + (" Quick sizes (CI smoke): not the targets' sizes." if doc["quick"] else ""),
+             f"{runs} run(s) of each measurement (acceptance: {doc['acceptance_runs']}); "
+             "every figure is the median (min-max) over the runs, ratios are taken within "
+             "each run; verdicts on the median, deliveries on every run.", "",
+             "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    for name, prof in profiles.items():
+        lines += ["", "```", *profile_text(name, prof), "```"]
+    return "\n".join([*lines, "", END])
+
+
+def write_docs(path: Path, section: str) -> None:
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} section to rewrite")
+    i, j = text.index(BEGIN), text.index(END) + len(END)
+    path.write_text(text[:i] + section + text[j:])
+
+
+def save(args: argparse.Namespace, doc: dict[str, Any], results: dict[str, Any]) -> None:
+    """bench.json (merged with earlier results), the samples side file, the plots."""
+    RESULTS.mkdir(exist_ok=True)
+    previous: dict[str, Any] = {}
+    if args.output.exists() and not args.quick:
+        try:
+            previous = json.loads(args.output.read_text()).get("results", {})
+        except (OSError, ValueError):
+            previous = {}
+    merged = {**previous, **strip_samples(results)}
+    args.output.write_text(json.dumps({**doc, "results": merged}, indent=2) + "\n")
+    # Raw latency samples stay out of bench.json; a side file (ignored by git) keeps
+    # those of the run nearest the median so that the plots can show measurements of
+    # earlier invocations too.
+    plotted = {id(e["runs"][e["plot_run"]]) for e in results.values()
+               if e.get("plot_run") is not None}
+    with_samples = strip_samples(results, keep=lambda d: id(d) in plotted)
+    samples_path = args.output.with_name(args.output.name + ".samples.tmp")
+    if not args.quick:
+        old: dict[str, Any] = {}
+        if samples_path.exists():
+            try:
+                old = json.loads(samples_path.read_text())
+            except (OSError, ValueError):
+                old = {}
+        with_samples = {**merged, **old, **with_samples}
+        samples_path.write_text(json.dumps(with_samples))
+    if not args.no_plots:
+        for path in plots.draw(with_samples, RESULTS,
+                               suffix=".png.tmp" if args.quick else ".png"):
+            print(f"plot: {path}")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench",
                                      description="Gateway benchmarks (see docs/benchmarks.md)")
     parser.add_argument("what", nargs="*", choices=[*ALL, "all"], default=["all"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI smoke")
+    parser.add_argument("--runs", type=int, help="runs of each measurement but acceptance "
+                        "(default 3, 1 with --quick)")
+    parser.add_argument("--acceptance-runs", type=int, default=1)
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction,
+                        help="profile the gateway with py-spy in one more run of each "
+                        "measurement with a target missed (default: with all, not --quick)")
+    parser.add_argument("--write-docs", nargs="?", type=Path, const=DOCS, metavar="FILE",
+                        help=f"rewrite the generated section of {DOCS.relative_to(ROOT)}")
     parser.add_argument("--procs", type=int, help="client processes (default 2)")
     parser.add_argument("--connections", type=int, help="idle connections (default 10000)")
     parser.add_argument("--duration", type=float, help="seconds per propagation window")
@@ -189,8 +304,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="default loadtest/results/bench.json "
                         "(bench-quick.json.tmp with --quick, so smoke runs leave no files)")
     args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if args.runs < 1 or args.acceptance_runs < 1:
+        parser.error("--runs and --acceptance-runs must be at least 1")
+    if args.profile is None:
+        args.profile = "all" in args.what and not args.quick
+    if args.write_docs == DOCS and args.quick:
+        parser.error(f"--write-docs with --quick would put smoke sizes into "
+                     f"{DOCS.relative_to(ROOT)} (give another FILE)")
     if args.output is None:
         args.output = RESULTS / ("bench-quick.json.tmp" if args.quick else "bench.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    command = shlex.join(["python", "-m", "loadtest.bench",
+                          *(sys.argv[1:] if argv is None else argv)])
     sz = dataclasses.replace(measures.QUICK) if args.quick else measures.Sizes()
     if args.procs:
         sz.procs = args.procs
@@ -203,51 +334,38 @@ def main(argv: list[str] | None = None) -> int:
     else:
         what = tuple(dict.fromkeys(args.what))
 
-    results: dict[str, Any] = {}
-    for name in what:
-        print(f"== {name} ...", flush=True)
-        t0 = time.monotonic()
-        try:
-            results[name] = RUNNERS[name](sz)
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-            print(results[name]["error"], file=sys.stderr)
-        results[name]["elapsed_s"] = round(time.monotonic() - t0, 1)
-        print(f"   done in {results[name]['elapsed_s']} s", flush=True)
+    results = {name: repeat(name, sz, args.acceptance_runs if name == "acceptance"
+                            else args.runs) for name in what}
+    profiles: dict[str, dict[str, Any]] = {}
+    if args.profile:
+        for name, entry in results.items():
+            missed = verdicts.missed(verdicts.rows(name, entry))
+            if missed:
+                print(f"== {name}: target missed ({missed[0].measure.strip()}: "
+                      f"{missed[0].verdict})", flush=True)
+                profiles[name] = entry["profile"] = profiled(name, sz)
 
-    RESULTS.mkdir(exist_ok=True)
-    previous: dict[str, Any] = {}
-    if args.output.exists() and not args.quick:
-        try:
-            previous = json.loads(args.output.read_text()).get("results", {})
-        except (OSError, ValueError):
-            previous = {}
-    merged = {**previous, **strip_samples(results)}
-    doc = {"machine": machine(), "quick": args.quick, "sizes": dataclasses.asdict(sz),
-           "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "results": merged}
-    args.output.write_text(json.dumps(doc, indent=2) + "\n")
-    # Raw latency samples stay out of bench.json; a side file (ignored by git) keeps
-    # them so that the plots can show measurements of earlier runs too.
-    samples_path = args.output.with_name(args.output.name + ".samples.tmp")
-    with_samples = results
-    if not args.quick:
-        old: dict[str, Any] = {}
-        if samples_path.exists():
-            try:
-                old = json.loads(samples_path.read_text())
-            except (OSError, ValueError):
-                old = {}
-        with_samples = {**merged, **old, **results}
-        samples_path.write_text(json.dumps(with_samples))
-    if not args.no_plots:
-        for path in plots.draw(with_samples, RESULTS,
-                               suffix=".png.tmp" if args.quick else ".png"):
-            print(f"plot: {path}")
+    doc = {"machine": machine(), "quick": args.quick, "command": command,
+           "runs": args.runs, "acceptance_runs": args.acceptance_runs,
+           "sizes": dataclasses.asdict(sz),
+           "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    save(args, doc, results)
+    rows = table_rows(results)
     print()
-    print_table(table(strip_samples(results), merged))
+    print_table(rows)
+    print(f"\n{args.runs} run(s) per measurement (acceptance: {args.acceptance_runs}); "
+          "figures: median (min-max) over the runs; ratios taken within each run; "
+          "verdicts on the median, deliveries on every run.")
+    if args.quick:
+        print("quick sizes (CI smoke): the figures are not at the targets' sizes.")
+    for name, prof in profiles.items():
+        print()
+        print("\n".join(profile_text(name, prof)))
     print(f"\nJSON: {args.output}")
-    broken = [b for n, r in results.items() if (b := check(n, r))]
+    if args.write_docs:
+        write_docs(args.write_docs, docs_section(rows, doc, profiles))
+        print(f"docs: {args.write_docs} (generated section rewritten)")
+    broken = [b for n, e in results.items() for r in e["runs"] if (b := check(n, r))]
     for b in broken:
         print(f"BROKEN: {b}", file=sys.stderr)
     return 1 if broken else 0

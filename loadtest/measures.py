@@ -3,6 +3,17 @@
 Each returns a JSON-able dict. Sizes come from :class:`Sizes` (``--quick`` shrinks them).
 Every run is bounded: connect phases by ``Job.connect_timeout``, schedules by their
 summed durations, servers by ``try/finally``.
+
+Each takes an optional ``probe`` (:class:`loadtest.profiling.Probe`): it is begun on the
+gateway process (the first one, with two) at the start of the window the measurement
+is about and ended at its end, so that a profiler records just that window.
+
+Propagation windows (``propagation``, ``cluster``) are followed by ``settle`` seconds
+without updates, and preceded by as many after the warm-up: every delivery of an update
+sent in the window is counted, none of the warm-up's, so that delivered against
+expected (updates x (team - 1)) shows lost deliveries exactly. Server CPU per delivered
+update is the gateways' CPU (``/proc/<pid>/stat``, summed) over the window and the
+settle after it, divided by the deliveries.
 """
 
 from __future__ import annotations
@@ -10,10 +21,14 @@ from __future__ import annotations
 import json
 import math
 import secrets
+import threading
+import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from loadtest import procs
+from loadtest.profiling import Probe
 from loadtest.stats import summary
 from loadtest.wsload import Conn, Job, run_clients, split
 
@@ -27,6 +42,7 @@ class Sizes:
     team: int = 20
     duration: float = 10.0
     warmup: float = 2.0
+    settle: float = 1.0
     fanout_members: tuple[int, ...] = (250, 500, 1_000)
     fanout_publishers: int = 20
     fanout_duration: float = 5.0
@@ -63,8 +79,59 @@ def _connect_info(ready: list[dict[str, Any]]) -> dict[str, Any]:
             "connect_ms": summary(times)}
 
 
-def _merge_step(results: list[dict[str, Any]], step: int) -> dict[str, Any]:
-    steps = [r["steps"][step] for r in results]
+class Window:
+    """The gateways' CPU seconds between two offsets (s) from the workers' ``go``, and the
+    probe (if any) begun and ended on the first gateway at those offsets.
+
+    ``open`` is the ``after_go`` callback of :func:`run_clients`; ``close`` waits for the
+    end (cut short when the clients are done early, e.g. on a failure) and returns the
+    CPU seconds, None if a gateway could not be read.
+    """
+
+    def __init__(self, pids: list[int], start: float, end: float, probe: Probe | None = None,
+                 label: str = "") -> None:
+        self.pids, self.start, self.end = pids, start, end
+        self.probe, self.label = probe, label
+        self.cpu: float | None = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._t0 = 0.0
+
+    def _cpu(self) -> float | None:
+        try:
+            return sum(procs.cpu_seconds(p) for p in self.pids)
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _run(self, t0: float) -> None:
+        self._done.wait(max(0.0, t0 + self.start - time.monotonic()))
+        cpu0 = self._cpu()
+        if self.probe is not None:
+            self.probe.begin(self.pids[0], self.label)
+        try:
+            self._done.wait(max(0.0, t0 + self.end - time.monotonic()))
+            cpu1 = self._cpu()
+            self.cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+        finally:
+            if self.probe is not None:
+                self.probe.end()
+
+    def open(self) -> None:
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(self._t0,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> float | None:
+        if self._thread is not None:
+            if time.monotonic() < self._t0 + self.end:
+                self._done.set()  # the clients are done before the window's end
+            self._thread.join(60)
+        return self.cpu
+
+
+def _merge_step(results: list[dict[str, Any]], *step_list: int) -> dict[str, Any]:
+    """The counters of the given steps of every worker, added up."""
+    steps = [r["steps"][i] for r in results for i in step_list]
     lat = [x for s in steps for x in s["latencies"]]
     return {"frames": sum(s["frames"] for s in steps), "diffs": sum(s["diffs"] for s in steps),
             "bytes": sum(s["bytes"] for s in steps),
@@ -72,29 +139,32 @@ def _merge_step(results: list[dict[str, Any]], step: int) -> dict[str, Any]:
             "latency_ms": summary(lat), "samples": lat}
 
 
-def measure_idle(sz: Sizes) -> dict[str, Any]:
+def measure_idle(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:
     """(1) connections held and server RSS per idle connection; (2) connect rate.
 
     Two runs: ``hello`` only, and ``hello`` + ``join`` of a 20-member team channel (the
     real idle client). At most ``procs x 40`` connects are in flight: the gateway's
     listen backlog is asyncio's default of 100, and a burst above it costs SYN
-    retransmits (1 s, 3 s, ...) that would measure the kernel, not the gateway.
+    retransmits (1 s, 3 s, ...) that would measure the kernel, not the gateway. The
+    probe records the connect phase of the ``hello`` + ``join`` run.
     """
     out: dict[str, Any] = {}
     for variant, join in (("hello", False), ("join", True)):
-        out[variant] = _idle_run(sz, join)
+        out[variant] = _idle_run(sz, join, probe if join else None)
     j = out["join"]
     return {**j, "hello_only": out["hello"],
             "note": "connected: hello + join of one 20-member team channel"}
 
 
-def _idle_run(sz: Sizes, join: bool) -> dict[str, Any]:
+def _idle_run(sz: Sizes, join: bool, probe: Probe | None = None) -> dict[str, Any]:
     gw = procs.start_gateway(env={"PRESENCE_MAX_CONNECTIONS": str(sz.idle_conns + 1000)})
     box: dict[str, Any] = {}
     try:
         rss0 = procs.rss_kb(gw.pid)
 
         def when_ready(ready: list[dict[str, Any]]) -> None:
+            if probe is not None:
+                probe.end()
             box["rss1"] = procs.rss_kb(gw.pid)
             box["gauge"] = procs.scrape(gw.admin_url, "presence_connections")
 
@@ -104,7 +174,13 @@ def _idle_run(sz: Sizes, join: bool) -> dict[str, Any]:
                 c.channel = ""
         jobs = [Job("gateway", gw.ws_url, gw.secret, part, [(0.0, 0.5)], concurrency=40,
                     connect_timeout=150) for part in split(conns, sz.procs)]
-        ready, _ = run_clients(jobs, when_ready=when_ready, connect_timeout=150)
+        if probe is not None:
+            probe.begin(gw.pid, "connect")
+        try:
+            ready, _ = run_clients(jobs, when_ready=when_ready, connect_timeout=150)
+        finally:
+            if probe is not None:
+                probe.end()
     finally:
         gw.stop()
     info = _connect_info(ready)
@@ -115,46 +191,104 @@ def _idle_run(sz: Sizes, join: bool) -> dict[str, Any]:
 
 
 def _propagation(urls: list[str], secret: str, sz: Sizes, prefix: str,
-                 pids: list[int], admin_urls: list[str],
-                 concurrency: int = 100) -> dict[str, Any]:
+                 pids: list[int], admin_urls: list[str], concurrency: int = 100,
+                 probe: Probe | None = None) -> dict[str, Any]:
+    """Warm-up, settle, the measured window, settle (see the module docstring)."""
     conns = team_conns(prefix, sz.prop_clients, sz.team)
     parts = split(conns, max(sz.procs, len(urls)))
     jobs = []
     for i, part in enumerate(parts):
         rate = sz.prop_rate * len(part) / len(conns)
         jobs.append(Job("gateway", urls[i % len(urls)], secret, part,
-                        [(rate, sz.warmup), (rate, sz.duration)], concurrency=concurrency))
-    cpu0 = [procs.cpu_seconds(p) for p in pids]
-    ready, results = run_clients(jobs)
-    cpu = sum(procs.cpu_seconds(p) for p in pids) - sum(cpu0)
-    step = _merge_step(results, 1)
+                        [(rate, sz.warmup), (0.0, sz.settle), (rate, sz.duration),
+                         (0.0, sz.settle)], concurrency=concurrency, track=True))
+    start = sz.warmup + sz.settle
+    window = Window(pids, start, start + sz.duration + sz.settle, probe, prefix)
+    try:
+        ready, results = run_clients(jobs, after_go=window.open)
+    finally:
+        cpu = window.close()
+    measured = _merge_step(results, 2, 3)  # the window and the deliveries settling after it
+    sent = _merge_step(results, 2)["sent"]
     # The gateway's own view (diff ts -> frame written), to tell server time from
     # time in the kernel and the clients; bucket upper bounds, first gateway only.
     server = procs.histogram_quantiles(admin_urls[0], "presence_propagation_seconds") \
         if admin_urls else {}
+    tracked = _deliveries(results, 2)
+    delivered = tracked["delivered"]
     return {**_connect_info(ready), "rate": sz.prop_rate, "channel_size": sz.team,
-            "updates_sent": step["sent"], "diffs_received": step["frames"],
-            "diffs_per_s": step["frames"] / sz.duration,
-            "expected_entries": step["sent"] * (sz.team - 1), "entries": step["entries"],
-            "latency_ms": step["latency_ms"], "server_cpu_s": cpu,
+            "updates_sent": sent, "diffs_received": measured["frames"],
+            "diffs_per_s": measured["frames"] / sz.duration,
+            "expected_entries": tracked["expected"], "entries": delivered,
+            "join_entries": measured["entries"], "deliveries": tracked,
+            "latency_ms": measured["latency_ms"], "server_cpu_s": cpu,
+            "cpu_us_per_delivery": cpu / delivered * 1e6 if cpu is not None and delivered
+            else None, "cpu_window_s": sz.duration + sz.settle,
             "server_side_ms": {str(q): v * 1000 if v is not None else None
                                for q, v in server.items()},
-            "dropped": sum(r["dropped"] for r in results), "samples": step["samples"]}
+            "dropped": sum(r["dropped"] for r in results), "samples": measured["samples"]}
 
 
-def measure_propagation(sz: Sizes) -> dict[str, Any]:
-    """(3) propagation at ``prop_rate`` updates/s into ``team``-member channels."""
+def _deliveries(results: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    """Per update sent in ``step``: how many of its receivers got it (tracked jobs).
+
+    The receivers of an update are the other connected members of its sender's
+    channel. ``delivered`` counts each (update, receiver) once, so that a join sent
+    again (a repair, a re-seeded mirror) neither hides a loss nor counts twice; ``lost``
+    includes the deliveries of updates the gateway refused (``refused``, by error
+    code); ``extra`` would be receivers beyond the expected ones.
+    """
+    got: Counter[tuple[str, str]] = Counter()
+    for r in results:
+        for user, note, k in r.get("seen", []):
+            got[(user, note)] += k
+    channel = {u: ch for r in results for u, ch in r.get("joined", [])}
+    members = Counter(channel.values())
+    refused_code = {(user, note): code for r in results
+                    for user, note, code in r.get("refused", [])}
+    refused: Counter[str] = Counter()
+    expected = delivered = lost = extra = with_loss = 0
+    for r in results:
+        for user, note in (r["sent_keys"][step] if r.get("sent_keys") else []):
+            receivers = members[channel.get(user, "")] - 1
+            c = got.get((user, note), 0)
+            expected += receivers
+            delivered += min(c, receivers)
+            lost += max(receivers - c, 0)
+            extra += max(c - receivers, 0)
+            with_loss += c < receivers
+            if (user, note) in refused_code:
+                refused[refused_code[(user, note)]] += 1
+    return {"expected": expected, "delivered": delivered, "lost": lost, "extra": extra,
+            "updates_with_loss": with_loss, "refused_updates": sum(refused.values()),
+            "refused_codes": dict(refused)}
+
+
+def _single(sz: Sizes, prefix: str, probe: Probe | None = None) -> dict[str, Any]:
     gw = procs.start_gateway()
     try:
-        return _propagation([gw.ws_url], gw.secret, sz, "prop", [gw.pid], [gw.admin_url])
+        return _propagation([gw.ws_url], gw.secret, sz, prefix, [gw.pid], [gw.admin_url],
+                            probe=probe)
     finally:
         gw.stop()
 
 
-def measure_cluster(sz: Sizes) -> dict[str, Any]:
-    """(5) the same propagation through Redis Cluster across two gateways."""
+def measure_propagation(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:
+    """(3) propagation at ``prop_rate`` updates/s into ``team``-member channels."""
+    return _single(sz, "prop", probe)
+
+
+def measure_cluster(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:
+    """(5) the same propagation through Redis Cluster across two gateways.
+
+    Each run first measures one gateway process (memory backend) with the same load, so
+    that p99 added and the ratio of CPU per delivered update (both gateways summed,
+    against the one process) come from the same run. The probe records the first
+    gateway of the cluster.
+    """
     if not procs.cluster_script_exists():
         return {"skipped": f"{procs.CLUSTER_SCRIPT} does not exist yet"}
+    single = _single(sz, "one")
     base = sz.cluster_port
     nodes = ",".join(f"127.0.0.1:{base + i}" for i in range(3))
     procs.cluster("start", base)
@@ -165,31 +299,40 @@ def measure_cluster(sz: Sizes) -> dict[str, Any]:
                for i in range(2)]
         # Connects are paced (20 in flight per client process): a burst of joins makes
         # the subscriber's SSUBSCRIBE acks late and the backend flap (see the docs).
-        return _propagation([g.ws_url for g in gws], secret, sz, "clu", [g.pid for g in gws],
-                            [g.admin_url for g in gws], concurrency=20)
+        out = _propagation([g.ws_url for g in gws], secret, sz, "clu", [g.pid for g in gws],
+                           [g.admin_url for g in gws], concurrency=20, probe=probe)
     finally:
         for g in gws:
             g.stop()
         procs.cluster("stop", base)
+    p99, p99_single = out["latency_ms"]["p99"], single["latency_ms"]["p99"]
+    cpu, cpu_single = out["cpu_us_per_delivery"], single["cpu_us_per_delivery"]
+    return {**out, "gateways": len(gws), "single": single,
+            "p99_added_ms": p99 - p99_single if p99 is not None and p99_single is not None
+            else None,
+            "cpu_ratio": cpu / cpu_single if cpu is not None and cpu_single else None}
 
 
-def measure_fanout(sz: Sizes) -> dict[str, Any]:
-    """(4) frames/s of one channel against bare ``websockets.broadcast()``, per size."""
+def measure_fanout(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:
+    """(4) frames/s of one channel against bare ``websockets.broadcast()``, per size.
+
+    The probe records the gateway's measured window at every size."""
     points: list[dict[str, Any]] = []
     bare = procs.start_module("loadtest.bare_server", ["--max-runtime", "900"])
     try:
         size = 200  # a one-join diff of this workload; corrected by each measured point
         for n in sz.fanout_members:
-            points.append(_fanout_point(sz, n, bare, size))
+            points.append(_fanout_point(sz, n, bare, size, probe))
             size = points[-1]["payload_bytes"] or size
     finally:
         bare.stop()
     best = points[-1] if points else {}
     return {"points": points, "members": best.get("members"),
-            "ratio": best.get("ratio"), "goal_ratio": 0.75}
+            "ratio": best.get("ratio"), "goal_ratio": 1.2}
 
 
-def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int) -> dict[str, Any]:
+def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
+                  probe: Probe | None = None) -> dict[str, Any]:
     """Bare broadcast first (the floor), then the gateway offered 30 % more than it."""
     conns = [Conn(f"fan{n}-u{i}", f"team:fan-{n}") for i in range(n)]
     d = sz.fanout_duration
@@ -216,9 +359,11 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int) -> dict[st
             r = rate * sum(c.send for c in part) / pubs
             jobs.append(Job("gateway", gw.ws_url, gw.secret, part, [(r, 1.0), (r, d)],
                             light=True))
-        cpu0 = procs.cpu_seconds(gw.pid)
-        ready, results = run_clients(jobs)
-        cpu = procs.cpu_seconds(gw.pid) - cpu0
+        window = Window([gw.pid], 1.0, 1.0 + d, probe, str(n))
+        try:
+            ready, results = run_clients(jobs, after_go=window.open)
+        finally:
+            cpu = window.close()  # the measured window only
         slow = procs.scrape(gw.admin_url, "presence_slow_consumer_closes_total")
     finally:
         gw.stop()
@@ -246,13 +391,16 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int) -> dict[st
             "bare_stats": json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))}
 
 
-def measure_peer(sz: Sizes) -> dict[str, Any]:
-    """(6) our gateway against python-socketio + AsyncRedisManager, stepped offered load."""
+def measure_peer(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:
+    """(6) our gateway against python-socketio + AsyncRedisManager, stepped offered load.
+
+    Server CPU is counted over the steps (not the connects); the probe records our
+    gateway over the steps."""
     schedule = [(r, sz.peer_step) for r in sz.peer_rates]
     out: dict[str, Any] = {"clients": sz.peer_clients, "channel_size": sz.team}
     gw = procs.start_gateway()
     try:
-        out["ours"] = _steps("gateway", gw.ws_url, gw.secret, sz, schedule, [gw.pid])
+        out["ours"] = _steps("gateway", gw.ws_url, gw.secret, sz, schedule, [gw.pid], probe)
     finally:
         gw.stop()
     redis = procs.start_redis()
@@ -276,14 +424,16 @@ def measure_peer(sz: Sizes) -> dict[str, Any]:
 
 
 def _steps(kind: str, url: str, secret: str, sz: Sizes, schedule: list[tuple[float, float]],
-           pids: list[int]) -> dict[str, Any]:
+           pids: list[int], probe: Probe | None = None) -> dict[str, Any]:
     conns = team_conns(f"peer{kind[0]}", sz.peer_clients, sz.team)
     parts = split(conns, sz.procs)
     jobs = [Job(kind, url, secret, part,
                 [(r * len(part) / len(conns), d) for r, d in schedule]) for part in parts]
-    cpu0 = sum(procs.cpu_seconds(p) for p in pids)
-    ready, results = run_clients(jobs)
-    cpu = sum(procs.cpu_seconds(p) for p in pids) - cpu0
+    window = Window(pids, 0.0, sum(d for _, d in schedule), probe, "steps")
+    try:
+        ready, results = run_clients(jobs, after_go=window.open)
+    finally:
+        cpu = window.close()
     steps, total_entries, best = [], 0, 0.0
     for i, (rate, dur) in enumerate(schedule):
         s = _merge_step(results, i)
@@ -300,5 +450,6 @@ def _steps(kind: str, url: str, secret: str, sz: Sizes, schedule: list[tuple[flo
                       "samples": s["samples"]})
     return {**_connect_info(ready), "steps": steps, "max_sustained": best,
             "server_cpu_s": cpu,
-            "cpu_us_per_entry": cpu / total_entries * 1e6 if total_entries else None,
+            "cpu_us_per_entry": cpu / total_entries * 1e6 if cpu is not None and total_entries
+            else None,
             "dropped": sum(r["dropped"] for r in results)}

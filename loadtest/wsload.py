@@ -25,6 +25,7 @@ import multiprocessing as mp
 import queue
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,11 @@ class Job:
     # Seconds between the sender loop's rounds: updates due in a round go out together,
     # and the gateway may merge what arrives in one loop tick into one diff.
     pace: float = 0.005
+    # track: record which update (sender, note) each connection received, so that lost
+    # deliveries are counted per update, not by join entries (a re-sent join of a
+    # repair would hide a loss); updates then carry their number as ``ref``, and the
+    # updates refused (an error reply) are recorded with the error's code.
+    track: bool = False
 
 
 @dataclass
@@ -82,9 +88,14 @@ class Worker:
         self.session: Any = None  # the aiohttp session of socketio clients
         self.light: list[Any] = []  # websockets whose transport a FrameCounter reads
         self.parsing = 0  # connections whose frames are parsed
+        self.user_of: dict[int, str] = {}  # id(sender) -> user
+        self.sent_keys: list[list[tuple[str, str]]] = [[] for _ in job.schedule]
+        self.seen: set[tuple[int, str, str]] = set()  # (receiver, sender, note), tracked
+        self.refused: list[tuple[str, str, str]] = []  # (sender, note, code), tracked
+        self.joined: list[tuple[str, str]] = []  # (user, channel) of every connection
 
     # -- receiving -------------------------------------------------------------------
-    def on_frame(self, size: int, frame: dict[str, Any] | None) -> None:
+    def on_frame(self, size: int, frame: dict[str, Any] | None, rid: int = 0) -> None:
         if not 0 <= self.step < len(self.steps):
             return  # before or after the measured schedule
         st = self.steps[self.step]
@@ -92,11 +103,21 @@ class Worker:
         st.bytes += size
         if frame is None:
             st.diffs += 1
+        elif frame.get("t") == "error" and self.job.track:
+            ref = frame.get("ref")
+            if isinstance(ref, int):
+                self.refused.append((self.user_of.get(rid, ""), f"n{ref}",
+                                     str(frame.get("code"))))
         elif frame.get("t") == "diff":
             st.diffs += 1
             ts = frame.get("ts")
             joins = frame.get("joins") or {}
             st.entries += sum(len(v) for v in joins.values())
+            if self.job.track:
+                for user, metas in joins.items():
+                    for m in metas:
+                        if isinstance(m, dict) and (note := m.get("note")):
+                            self.seen.add((rid, user, note))
             if isinstance(ts, int) and len(st.latencies) < self.job.max_samples:
                 st.latencies.append(int(time.time() * 1000) - ts)
 
@@ -125,7 +146,7 @@ class Worker:
         try:
             async for msg in ws:
                 if parse:
-                    self.on_frame(len(msg), orjson.loads(msg))
+                    self.on_frame(len(msg), orjson.loads(msg), id(ws))
                 else:
                     self.on_frame(len(msg), None)
         except Exception:
@@ -224,8 +245,10 @@ class Worker:
                     return
                 self.connect_ms.append((time.perf_counter() - t0) * 1000)
                 self.clients.append(client)
+                self.joined.append((c.user, c.channel))
                 if c.send:
                     self.senders.append(client)
+                    self.user_of[id(client)] = c.user
 
         await asyncio.wait_for(asyncio.gather(*(one(c) for c in self.job.conns)),
                                self.job.connect_timeout)
@@ -238,7 +261,10 @@ class Worker:
         else:
             import orjson
 
-            await client.send(orjson.dumps({"t": "update", "meta": meta}).decode())
+            msg: dict[str, Any] = {"t": "update", "meta": meta}
+            if self.job.track:
+                msg["ref"] = n
+            await client.send(orjson.dumps(msg).decode())
 
     async def play(self) -> None:
         """Play the schedule; updates go round-robin over the senders at each step's rate."""
@@ -259,6 +285,8 @@ class Worker:
                         break
                     client = order[n % len(order)]
                     n += 1
+                    if self.job.track:
+                        self.sent_keys[i].append((self.user_of.get(id(client), ""), f"n{n}"))
                     with contextlib.suppress(Exception):
                         await self.send_update(client, n)
                 self.steps[i].sent = n - sent_at_start
@@ -352,6 +380,10 @@ async def _worker_async(idx: int, job: Job, q: Any, start: Any, go: Any, stop: A
                    "entries": s.entries,
                    "sent": s.sent, "latencies": s.latencies} for s in w.steps],
         "dropped": w.dropped,
+        # tracked: the updates sent per step, and per update the receivers that got it
+        "sent_keys": w.sent_keys if job.track else [],
+        "refused": w.refused, "joined": w.joined if job.track else [],
+        "seen": [[*k, c] for k, c in Counter((u, note) for _, u, note in w.seen).items()],
     }))
     await w.close_all()
 
