@@ -12,18 +12,22 @@ def make_backend(settings: Settings) -> tuple[Broker, Store]:
     """The memory pair by default; Redis when configured: ``redis_cluster``
     ("host:port,host:port" startup nodes) wins over ``redis_url`` (one plain Redis).
 
-    Broker and Store get separate connections (each owns and closes its own).
+    Broker and Store share one Redis link (cluster/redis_link.py): one slot map, one
+    client per master and one write path; the last of them to close closes it.
     """
     if settings.backend.redis_cluster or settings.backend.redis_url:
         from cluster.redis_broker import RedisBroker
         from cluster.redis_conn import RedisConfig
+        from cluster.redis_link import RedisLink
         from cluster.redis_store import RedisStore
 
         if settings.backend.redis_cluster:
             config = RedisConfig(cluster=settings.backend.redis_cluster)
         else:
             config = RedisConfig(url=settings.backend.redis_url)
-        return RedisBroker(config), RedisStore(config, settings.backend.last_seen_days)
+        link = RedisLink(config)
+        return (RedisBroker(config, link=link),
+                RedisStore(config, settings.backend.last_seen_days, link=link))
     return MemoryBroker(), MemoryStore(settings.backend.last_seen_days)
 
 

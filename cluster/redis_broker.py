@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 
 from cluster import keys
 from cluster.base import BackendUnavailable, GapHandler, MessageHandler
-from cluster.redis_batch import Command, WriteBatcher
-from cluster.redis_conn import Addr, RedisConfig, Topology
+from cluster.redis_batch import Command
+from cluster.redis_conn import Addr, RedisConfig
+from cluster.redis_link import RedisLink
 from cluster.redis_subscriber import NodeSubscriber
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,14 @@ log = logging.getLogger(__name__)
 class RedisBroker:
     """Broker on Redis; ``config`` names a cluster or a single server."""
 
-    def __init__(self, config: RedisConfig, repair_interval: float = 0.5) -> None:
+    def __init__(self, config: RedisConfig, repair_interval: float = 0.5,
+                 link: RedisLink | None = None) -> None:
         self.config = config
         self.repair_interval = repair_interval
-        self.redis = Topology(config)
+        # The process's link, shared with the Store (cluster/redis_link.py), or one of
+        # its own.
+        self._link = link if link is not None else RedisLink(config)
+        self.redis = self._link.topology
         self._on_message: MessageHandler | None = None
         self._on_gap: GapHandler | None = None
         self._wanted: dict[str, str] = {}  # topic -> pub/sub channel
@@ -54,11 +59,11 @@ class RedisBroker:
         self._orphans: set[str] = set()
         self._orphaned = asyncio.Event()
         self._repair: asyncio.Task[None] | None = None
-        self._batch = WriteBatcher(self.redis, config.op_timeout)
+        self._batch = self._link.batch
         self._closed = False
 
     async def start(self, on_message: MessageHandler, on_gap: GapHandler) -> None:
-        await self.redis.start()
+        await self._link.attach(self)
         self._on_message = on_message
         self._on_gap = on_gap
         self._repair = asyncio.create_task(self._repair_loop(), name="redis-broker-repair")
@@ -72,12 +77,11 @@ class RedisBroker:
             self._repair.cancel()
             with contextlib.suppress(asyncio.CancelledError, BackendUnavailable):
                 await self._repair
-        await self._batch.close()
         subs = list(self._subs.values())
         self._subs.clear()
         for sub in subs:
             await sub.close()
-        await self.redis.close()
+        await self._link.detach(self)
 
     # -- receiving ---------------------------------------------------------------
     async def subscribe(self, topic: str) -> None:

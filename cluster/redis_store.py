@@ -52,8 +52,9 @@ from cluster.base import (
     UserPresence,
     Written,
 )
-from cluster.redis_batch import Command, WriteBatcher
-from cluster.redis_conn import RedisConfig, Topology, script, text
+from cluster.redis_batch import Command
+from cluster.redis_conn import RedisConfig, script, text
+from cluster.redis_link import RedisLink
 from presence.churn import ChurnRecord, snapshot_order
 from presence.codec import pack, unpack
 from presence.engagement import DAY_MS
@@ -108,27 +109,30 @@ class _Claim:
 class RedisStore:
     """Store on Redis; ``config`` names a cluster or a single server."""
 
-    def __init__(self, config: RedisConfig, last_seen_days: int = 30) -> None:
+    def __init__(self, config: RedisConfig, last_seen_days: int = 30,
+                 link: RedisLink | None = None) -> None:
         self.config = config
         self.last_seen_ms = last_seen_days * DAY_MS
-        self.redis = Topology(config)
+        # The process's link, shared with the Broker (cluster/redis_link.py), or one
+        # of its own.
+        self._link = link if link is not None else RedisLink(config)
+        self.redis = self._link.topology
         # Ownership records this process has written, per node: an update of a meta
         # already owned skips that round trip (it was half the cost of an update).
         # Each lease refresh writes them all again, so ownership lost in a failover
         # (asynchronous replication) comes back within one refresh interval.
         self._owned: dict[str, set[bytes]] = {}
         # Every write (metas, ownership, leases, sweeps) goes through one batcher.
-        self._batch = WriteBatcher(self.redis, config.op_timeout)
+        self._batch = self._link.batch
         # One meta change at a time per (node, user, conn); see _exclusive.
         self._locks: dict[tuple[str, str, str], tuple[asyncio.Lock, int]] = {}
         self._claims: dict[str, _Claim] = {}
 
     async def start(self) -> None:
-        await self.redis.start()
+        await self._link.attach(self)
 
     async def close(self) -> None:
-        await self._batch.close()
-        await self.redis.close()
+        await self._link.detach(self)
 
     async def healthy(self) -> bool:
         return await self.redis.healthy()
