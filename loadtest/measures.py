@@ -333,20 +333,19 @@ def measure_fanout(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:
 
 def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
                   probe: Probe | None = None) -> dict[str, Any]:
-    """Bare broadcast first (the floor), then the gateway offered 30 % more than it."""
+    """Bare broadcast first (the floor), then the gateway offered twice as much."""
     conns = [Conn(f"fan{n}-u{i}", f"team:fan-{n}") for i in range(n)]
     d = sz.fanout_duration
     bare_jobs = [Job("bare", f"ws://127.0.0.1:{bare.port}/", "", part, [(0.0, 1.0), (0.0, d)])
                  for part in split(conns, sz.procs)]
-    b_ready, b_results = run_clients(
-        bare_jobs, after_go=lambda: procs.http_get(
-            f"http://127.0.0.1:{bare.port}/start?size={size}&duration={d + 1.5}"))
+    b_ready, b_results, bare_cpu = _bare_run(bare_jobs, bare, size, d)
     b = _merge_step(b_results, 1)
     bare_fps = b["frames"] / d
-    # Offered to the gateway: 1.3x the floor's frames/s, spread over publishers at 9
+    # Offered to the gateway: twice the floor's frames/s (so that the gateway, not the
+    # offer, is the limit when it is the faster), spread over publishers at 9
     # updates/s each (the quota is 10/s); coalesce_ms=0 so that one update is one diff
     # frame (merging would hide the fan-out cost).
-    rate = max(10.0, 1.3 * bare_fps / max(n - 1, 1))
+    rate = max(10.0, 2.0 * bare_fps / max(n - 1, 1))
     pubs = min(n, max(1, math.ceil(rate / 9.0)))
     rate = min(rate, pubs * 9.0)
     for c in conns[:pubs]:
@@ -358,7 +357,7 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
         for part in parts:
             r = rate * sum(c.send for c in part) / pubs
             jobs.append(Job("gateway", gw.ws_url, gw.secret, part, [(r, 1.0), (r, d)],
-                            light=True))
+                            light=True, pace=0.001))
         window = Window([gw.pid], 1.0, 1.0 + d, probe, str(n))
         try:
             ready, results = run_clients(jobs, after_go=window.open)
@@ -374,10 +373,13 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
         # The gateway merges the changes of one loop tick, so its frames may be larger
         # than guessed: measure the floor again with the gateway's own frame size.
         size = gw_size
-        b_ready, b_results = run_clients(
-            bare_jobs, after_go=lambda: procs.http_get(
-                f"http://127.0.0.1:{bare.port}/start?size={size}&duration={d + 1.5}"))
-        bare_fps = _merge_step(b_results, 1)["frames"] / d
+        b_ready, b_results, bare_cpu = _bare_run(bare_jobs, bare, size, d)
+        b = _merge_step(b_results, 1)
+        bare_fps = b["frames"] / d
+    # CPU per frame of each server over its measured window: the figure that other work
+    # on the machine moves least (frames/s also depends on the CPU each one was given).
+    gw_us = cpu / g["frames"] * 1e6 if cpu is not None and g["frames"] else None
+    bare_us = bare_cpu / b["frames"] * 1e6 if bare_cpu is not None and b["frames"] else None
     return {"members": n, "publishers": pubs, "offered_updates_per_s": rate,
             "payload_bytes": size, "gateway_payload_bytes": gw_size,
             "gateway_latency_samples_from": "publishers only (receivers do not parse)",
@@ -386,9 +388,29 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
             "gateway_frames_per_s": gw_fps, "bare_frames_per_s": bare_fps,
             "ratio": gw_fps / bare_fps if bare_fps else None,
             "gateway_latency_ms": g["latency_ms"], "gateway_cpu_s": cpu,
+            "gateway_cpu_us_per_frame": gw_us, "bare_cpu_s": bare_cpu,
+            "bare_cpu_us_per_frame": bare_us,
+            "cpu_ratio": bare_us / gw_us if bare_us and gw_us else None,
             "gateway_dropped": sum(r["dropped"] for r in results),
             "slow_consumer_closes": slow,
             "bare_stats": json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))}
+
+
+def _bare_run(jobs: list[Job], bare: procs.PyServer, size: int, d: float
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float | None]:
+    """The bare server broadcasting ``size``-byte frames to ``jobs`` for ``d`` s (after
+    a 1 s step of nothing); its CPU seconds over that window."""
+    window = Window([bare.pid], 1.0, 1.0 + d)
+
+    def go() -> None:
+        window.open()
+        procs.http_get(f"http://127.0.0.1:{bare.port}/start?size={size}&duration={d + 1.5}")
+
+    try:
+        ready, results = run_clients(jobs, after_go=go)
+    finally:
+        cpu = window.close()
+    return ready, results, cpu
 
 
 def measure_peer(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:

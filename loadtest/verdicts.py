@@ -193,7 +193,10 @@ def figures(name: str, r: Mapping[str, Any]) -> Figures:
             m = p["members"]
             out.update({f"ratio_{m}": p.get("ratio"), f"gw_fps_{m}": p.get("gateway_frames_per_s"),
                         f"bare_fps_{m}": p.get("bare_frames_per_s"),
-                        f"bytes_{m}": p.get("payload_bytes")})
+                        f"bytes_{m}": p.get("payload_bytes"),
+                        f"cpu_ratio_{m}": p.get("cpu_ratio"),
+                        f"gw_us_{m}": p.get("gateway_cpu_us_per_frame"),
+                        f"bare_us_{m}": p.get("bare_cpu_us_per_frame")})
         return out
     if name == "peer":
         ours, peer = r.get("ours") or {}, r.get("peer") or {}
@@ -339,6 +342,9 @@ def rows(name: str, entry: Mapping[str, Any]) -> list[Row]:
             R.add("  frames/s, gateway vs bare broadcast()",
                   f"{fmt_spread(R.s(f'gw_fps_{m}'))} vs {fmt_spread(R.s(f'bare_fps_{m}'))}",
                   [f"gw_fps_{m}"])
+            R.add("  server CPU per frame, bare / gateway (frames per CPU second)",
+                  f"{fmt_spread(R.s(f'cpu_ratio_{m}'), 2)} ({fmt_spread(R.s(f'bare_us_{m}'), 2)}"
+                  f" vs {fmt_spread(R.s(f'gw_us_{m}'), 2)} us)", [f"cpu_ratio_{m}"])
     if name == "cluster" and R.summary:
         R.add("Redis Cluster, 2 gateways, same load: p99 added to one process's",
               fmt_spread(R.s("p99_added"), 0, " ms"), ["p99_added"], CLUSTER_ADDED.text,
