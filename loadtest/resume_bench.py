@@ -37,8 +37,9 @@ aborts all its connections at one common moment (a ``time.monotonic()`` deadline
 CLOCK_MONOTONIC is system-wide on Linux), and the times to resumed and ``back_99_s``
 are measured from that moment; with ``--procs 1`` everything runs in this process as
 before, with the times to resumed measured from each client seeing its loss. The
-storm waits for every client to be back (at most 10 s past the 99 %) before the
-figures are taken.
+storm waits for every client to be back (at most 10 s past the 99 %), and for
+``resume_ttl`` + 2 s after the cut (an expired hold publishes its leaves by then),
+before the figures are taken; a note says how many clients were online at that moment.
 
     python -m loadtest.resume_bench storm --clients 10000 --gateways 2 --procs 4
 """

@@ -17,7 +17,9 @@ answering, each answer awaited a bounded time:
    arrived; then ``clear`` forgets the diffs received so far;
 3. ``cut`` with a ``time.monotonic()`` moment half a second ahead: at that moment every
    worker aborts all its transports (no close frame); ``online``, polled, counts the
-   clients back, until all are (or 10 s past 99 %, or 120 s);
+   clients back, until all are (or 10 s past 99 %, or 120 s), then once more when
+   ``resume_ttl`` + 2 s have passed since the cut (an expired hold's leaves, and the
+   1012 of a resumed connection whose channel could not be subscribed, come by then);
 4. ``report``: per client its resume results and the monotonic time of each
    ``welcome``, and every diff it received since ``clear``; the parent merges them
    (whether a diff is about a resumed client is only known across workers), and the
@@ -63,6 +65,7 @@ CUT_AHEAD = 0.5  # seconds between choosing the cut moment and the cut
 SETTLE_TIMEOUT = 60.0
 BACK_TIMEOUT = 120.0
 STRAGGLERS = 10.0  # seconds waited past 99 % back for the last clients
+QUIET = 2.0  # seconds past resume_ttl after the cut before the figures are taken
 ANSWER_TIMEOUT = 30.0
 
 
@@ -145,7 +148,8 @@ class _Worker:
         return sum(t.done() for t in self.tasks)
 
     async def cut(self, moment: float) -> dict[str, float]:
-        await asyncio.sleep(max(0.0, moment - time.monotonic()))
+        # + 1 ms: uvloop's timers step by 1 ms and may fire that much early
+        await asyncio.sleep(max(0.0, moment - time.monotonic()) + 0.001)
         start = time.monotonic()
         for c in self.clients.values():
             if c.ws is not None and c.ws.transport is not None:
@@ -327,7 +331,15 @@ def run(n: int, gateways: int, base_port: int, nprocs: int, env: dict[str, str],
                         f"{1000 * (min(c['start'] for c in cuts) - moment):.0f} to "
                         f"{1000 * (max(c['end'] for c in cuts) - moment):.0f} ms after the "
                         "common moment")
-        time.sleep(1.0)  # diffs a flap would cause arrive within the coalescing
+        # Diffs a flap would cause arrive within the coalescing; a hold that expired
+        # publishes its leaves resume_ttl after the loss, and a resumed connection whose
+        # channel cannot be subscribed is closed (1012) after the join's 5 s wait: the
+        # figures are taken once both had their time.
+        ttl = float(env.get("PRESENCE_RESUME_TTL", "15"))
+        time.sleep(left(max(1.0, moment + ttl + QUIET - time.monotonic())))
+        online = sum(pool.ask("online", timeout=left(ANSWER_TIMEOUT)))
+        notes.insert(2, f"online when the figures were taken ({time.monotonic() - moment:.1f}"
+                        f" s after the cut): {online} of {n}")
         reports = pool.ask("report", timeout=left(60))
 
         records: list[tuple[str, list[bool], list[float]]] = []
@@ -344,7 +356,7 @@ def run(n: int, gateways: int, base_port: int, nprocs: int, env: dict[str, str],
                 fresh += [t for t, r in after if not r]
                 errors.update(errs)
             diffs += rep["diffs"]
-        notes.insert(2, reconnect_note(errors, fresh))
+        notes.insert(3, reconnect_note(errors, fresh))
         backs.sort()
         back_99 = backs[max(0, math.ceil(0.99 * n) - 1)] if backs else math.inf
         figures: dict[str, float] = {"back_99_s": back_99 if back_99 < math.inf
