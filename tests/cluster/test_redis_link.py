@@ -1,0 +1,62 @@
+"""The Redis link a process's Store and Broker share (cluster/redis_link.py), on the real
+cluster: whichever of them closes first, the other keeps writing, publishing and
+receiving through it; the last one out closes it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.base import BackendUnavailable
+from cluster.redis_broker import RedisBroker
+from cluster.redis_conn import RedisConfig
+from cluster.redis_link import RedisLink
+from cluster.redis_store import RedisStore
+from presence.messages import JoinMsg, decode_message, encode_join
+from presence.meta import Meta
+
+pytestmark = pytest.mark.redis
+
+
+def meta(conn: str, note: str) -> Meta:
+    return Meta.from_wire({"conn": conn, "status": "online", "device": "web", "note": note,
+                           "online_at": 1, "since": 1, "seq": 1})
+
+
+@pytest.mark.parametrize("first", ["store", "broker"])
+async def test_either_may_close_first_and_the_other_goes_on(redis_cluster: str,
+                                                            first: str) -> None:
+    config = RedisConfig(cluster=redis_cluster)
+    link = RedisLink(config)
+    store = RedisStore(config, link=link)
+    broker = RedisBroker(config, link=link)
+    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    async def on_gap(_topics: list[str]) -> None:
+        return None
+
+    await store.start()
+    await broker.start(lambda topic, payload: got.put_nowait((topic, payload)), on_gap)
+    try:
+        assert store.redis is broker.redis  # one slot map, one client per master
+        await broker.subscribe("team:link")
+        if first == "store":
+            await store.close()
+            await broker.publish([("team:link", encode_join("u1", meta("c1", "a"), 1))])
+            topic, payload = await asyncio.wait_for(got.get(), 5)
+            msg = decode_message(payload)
+            assert topic == "team:link" and isinstance(msg, JoinMsg)
+            assert msg.meta.note == "a"
+        else:
+            await broker.close()
+            written = await store.put_metas("node-a", "u1", "c1", {"team:link": meta("c1", "b")})
+            assert list(written) == ["team:link"]
+            presence = await store.channel_presence("team:link")
+            assert [m.note for m in presence["u1"]] == ["b"]
+    finally:
+        await store.close()
+        await broker.close()
+    # The last one out closed the shared write path.
+    with pytest.raises(BackendUnavailable):
+        await link.batch.run([("k", ("GET", "k"))])
