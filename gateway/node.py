@@ -10,7 +10,6 @@ a single connection, each in a module of its own:
 - :mod:`gateway.health`: backend probing, the readiness grace, recovery;
 - :mod:`gateway.writes`: Store writes that failed, retried until done;
 - :mod:`gateway.stats` and :mod:`gateway.engagement_feed`: figures and signals.
-
 Sessions use the node only through :class:`gateway.ports.NodeServices`; the node sees
 them as :class:`gateway.ports.LocalConnection`.
 """
@@ -137,8 +136,7 @@ class Node:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.holds.close()
         closers: tuple[Callable[[], Awaitable[None]], ...] = (
@@ -188,10 +186,13 @@ class Node:
 
     async def _forget(self, user: str, cid: str, presence: list[str], cause: str,
                       last_seen: int) -> None:
-        async def forget() -> None:
+        left: list[int | None] = []
+
+        async def forget() -> None:  # record and resume token first: no resume after leaves
+            left[:] = left or [await self.store.remove_connection(self.owner, user, cid)]
             if await self.drop_presence(user, cid, presence, True, last_seen):
                 self.metrics.leaves.labels(cause).inc()
-            if await self.store.remove_connection(self.owner, user, cid) == 0:
+            if left[0] == 0:
                 self.transitions.offline(user, last_seen, cause)
 
         await self.writes.attempt((cid, ""), forget)
@@ -265,8 +266,8 @@ class Node:
     # -- re-assertion, recovery (delivery: gateway/delivery.py) -----------------------
     async def reassert_all(self, close_failed: bool = True) -> None:
         """Write every live connection again (gateway/reassert.py)."""
-        await reassert_all(self.store, self.owner, self.sessions, self.put_metas, close_failed,
-                           self.lanes)
+        await reassert_all(self.store, self.owner, self.sessions, self.put_metas,
+                           close_failed, self.lanes)
 
     async def _probe(self) -> bool:
         return await self.store.healthy() and await self.broker.healthy()
@@ -280,13 +281,12 @@ class Node:
     # -- figures and engagement ----------------------------------------------------
     def local_stats(self) -> dict[str, Any]:
         """Figures of this node for ``/admin/stats`` and the autoscaler's sampler."""
-        return {
-            "node": self.node_id, **self.stats.figures(),
-            "connections": len(self.sessions), "channels": len(self.hub.channels),
-            "members": self.hub.member_count(),
-            "backend": {"type": type(self.store).__name__, "healthy": self.health.ok},
-            "draining": self.draining, "max_connections": self.settings.transport.max_connections,
-        }
+        return {"node": self.node_id, **self.stats.figures(),
+                "connections": len(self.sessions), "channels": len(self.hub.channels),
+                "members": self.hub.member_count(),
+                "backend": {"type": type(self.store).__name__, "healthy": self.health.ok},
+                "draining": self.draining,
+                "max_connections": self.settings.transport.max_connections}
 
     async def cluster_stats(self) -> dict[str, Any]:
         return await cluster_figures(self.store, self.owner, len(self.sessions), now_ms())

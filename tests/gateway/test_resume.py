@@ -193,6 +193,40 @@ async def test_not_resumed_in_time_leaves_with_the_time_of_the_loss(
     await late.ws.close()
 
 
+async def test_a_resume_racing_the_hold_expiry_is_refused(
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    """The hold expired and its leaves are on their way: a resume arriving then must be
+    refused. It used to be accepted (the token outlived the leaves' publication), so
+    the client was told ``resumed`` while everyone had seen it leave, and a joiner's
+    snapshot lacked it (found by the 10,000-client storm)."""
+    gw = await gateway_factory(**backend, resume_ttl=1.0)
+    watcher = await watcher_on(gw, "team:w1")
+    r = await raw(gw, gw.token("u1"))
+    await r.request(t="join", ref=1, ch="team:w1")
+    await watcher.wait_for(lambda e: "u1" in e["joins"])
+    store = gw.node.store
+    removing, release = asyncio.Event(), asyncio.Event()
+    remove_metas = store.remove_metas
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        removing.set()
+        await release.wait()
+        return await remove_metas(*args, **kwargs)
+
+    store.remove_metas = gated  # type: ignore[method-assign]
+    try:
+        r.drop()
+        await asyncio.wait_for(removing.wait(), 5)  # the expiry is removing the metas
+        late = await raw(gw, gw.token("u1"), resume=r.welcome["resume"])
+    finally:
+        release.set()
+        store.remove_metas = remove_metas  # type: ignore[method-assign]
+    assert late.welcome["resumed"] is False
+    diff = await watcher.wait_for(lambda e: "u1" in e["leaves"])
+    assert diff["leaves"]["u1"][0]["conn"] == r.welcome["conn"]
+    await late.ws.close()
+
+
 async def test_clean_ends_leave_at_once_and_1001_is_a_loss(
         gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
     gw = await gateway_factory(**backend, resume_ttl=30.0)
