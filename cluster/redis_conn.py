@@ -146,6 +146,10 @@ def _retry() -> Retry:
     return Retry(ExponentialBackoff(cap=0.2, base=0.02), 1)
 
 
+COMMANDS_IN_FLIGHT = 64
+"""Commands through the command client at once, per process (see Topology)."""
+
+
 class Topology:
     """The Redis deployment behind the backend (cluster or single), see module doc."""
 
@@ -153,6 +157,12 @@ class Topology:
         self.config = config
         self._node_clients: dict[Addr, Redis] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        # Commands of the command client in flight at once: past its pool's bound (100
+        # connections per node) redis-py's async cluster client raises
+        # MaxConnectionsError instead of waiting, and a reconnect storm's snapshot
+        # reads were answered "overloaded". Beyond this many, a command waits (within
+        # its deadline).
+        self._in_flight = asyncio.Semaphore(COMMANDS_IN_FLIGHT)
         self.client: Redis | RedisCluster
         self.cluster: RedisCluster | None = None
         self._single: Addr | None = None
@@ -308,13 +318,14 @@ class Topology:
             raise
 
     async def _command(self, args: tuple[Any, ...]) -> Any:
-        try:
-            return await execute(self.client, *args)
-        except NoScriptError:
-            fallback = as_eval(args)
-            if fallback is None:
-                raise
-            return await execute(self.client, *fallback)
+        async with self._in_flight:
+            try:
+                return await execute(self.client, *args)
+            except NoScriptError:
+                fallback = as_eval(args)
+                if fallback is None:
+                    raise
+                return await execute(self.client, *fallback)
 
     async def eval(self, lua: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """Run a Lua script (all ``keys`` in one slot) by SHA with the command client."""
