@@ -74,6 +74,10 @@ class Written(list[str]):
         self.changed = list(changed)
 
 
+RESUMED_ELSEWHERE = -1
+"""What :meth:`Store.remove_connection` returns for a connection another node resumed."""
+
+
 @dataclass(frozen=True, slots=True)
 class Adopted:
     """A connection taken over by :meth:`Store.resume`: its metas by channel (None for
@@ -151,9 +155,10 @@ class Store(Protocol):
         ...
 
     async def remove_connection(self, node: str, user: str, conn: str) -> int | None:
-        """Forget a connection of ``node`` and its resume hash; unknown ones, and a
-        connection now owned by another node (resumed there), are left alone (None).
-        Returns the user's connections left in the cluster (0: ``user.offline``)."""
+        """Forget a connection of ``node`` and its resume hash. Returns the user's
+        connections left in the cluster (0: ``user.offline``); None for an unknown
+        connection; :data:`RESUMED_ELSEWHERE` for one now owned by another node (a
+        resume took it: its metas are that node's, or about to be), left alone."""
         ...
 
     async def track_channel(self, node: str, user: str, conn: str, ch: str,

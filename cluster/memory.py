@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cluster.base import (
+    RESUMED_ELSEWHERE,
     SWEEP_CLAIM_MS,
     Adopted,
     ChurnStep,
@@ -143,7 +144,9 @@ class MemoryStore:
         return len(conns)
 
     async def remove_connection(self, node: str, user: str, conn: str) -> int | None:
-        if self._foreign(node, conn) or conn not in self._conn_node:
+        if self._foreign(node, conn):
+            return RESUMED_ELSEWHERE
+        if conn not in self._conn_node:
             return None
         return self._forget_connection(node, user, conn)
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster import keys
 from cluster.base import (
+    RESUMED_ELSEWHERE,
     SWEEP_CLAIM_MS,
     Adopted,
     BackendUnavailable,
@@ -188,6 +189,8 @@ class RedisStore:
             [user_key, keys.user_resume(user), keys.user_channels(user, conn)], [conn, node])))
         await self._one(keys.node_conns(node), "SREM", keys.node_conns(node),
                         pack([user, conn]))
+        if left == -2:
+            return RESUMED_ELSEWHERE
         return None if left < 0 else left
 
     async def track_channel(self, node: str, user: str, conn: str, ch: str,

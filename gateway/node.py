@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from cluster.base import Adopted, Broker, Store
+from cluster.base import RESUMED_ELSEWHERE, Adopted, Broker, Store
 from cluster.engagement import EngagementStore
 from cluster.factory import make_engagement
 from gateway import reads
@@ -139,11 +139,11 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.holds.close()
-        closers: tuple[Callable[[], Awaitable[None]], ...] = (
-            self.repair.close, self.leases.close, self.subscriptions.close, self.writes.close,
-            lambda: asyncio.wait_for(self.feed.flush(), 2.0), self.engagement.close,
-            self.leases.release, self.webhooks.close, self.broker.close, self.store.close)
-        for close in closers:  # each in turn, whatever the others did
+        for close in (  # each in turn, whatever the others did
+                self.repair.close, self.leases.close, self.subscriptions.close,
+                self.writes.close, lambda: asyncio.wait_for(self.feed.flush(), 2.0),
+                self.engagement.close, self.leases.release, self.webhooks.close,
+                self.broker.close, self.store.close):
             with contextlib.suppress(Exception):
                 await close()
 
@@ -186,11 +186,12 @@ class Node:
 
     async def _forget(self, user: str, cid: str, presence: list[str], cause: str,
                       last_seen: int) -> None:
-        left: list[int | None] = []
+        left: list[int | None] = []  # record and resume token go first: no resume after
 
-        async def forget() -> None:  # record and resume token first: no resume after leaves
+        async def forget() -> None:  # the leaves; one resumed elsewhere keeps its metas
             left[:] = left or [await self.store.remove_connection(self.owner, user, cid)]
-            if await self.drop_presence(user, cid, presence, True, last_seen):
+            if left[0] != RESUMED_ELSEWHERE and await self.drop_presence(
+                    user, cid, presence, True, last_seen):
                 self.metrics.leaves.labels(cause).inc()
             if left[0] == 0:
                 self.transitions.offline(user, last_seen, cause)
@@ -227,8 +228,7 @@ class Node:
         await self.writes.attempt((cid, ch), leave)
 
     async def put_metas(self, user: str, metas: Mapping[str, Meta]) -> None:
-        """Store a connection's metas (channel -> meta) and publish them as joins
-        (those the Store took: not the entries of a connection resumed elsewhere)."""
+        """Store a connection's metas (channel -> meta); publish those taken as joins."""
         if not metas:
             return
         conn = next(iter(metas.values())).conn

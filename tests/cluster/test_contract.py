@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cluster.base import SWEEP_CLAIM_MS, Adopted, Broker, Store, SweptMeta
+from cluster.base import RESUMED_ELSEWHERE, SWEEP_CLAIM_MS, Adopted, Broker, Store, SweptMeta
 from cluster.memory import MemoryBroker, MemoryBus, MemoryStore
 from cluster.redis_broker import RedisBroker
 from cluster.redis_conn import RedisConfig
@@ -447,7 +447,7 @@ async def test_resume_adopts_a_connection_once_with_its_channels(backend: Backen
     # The old node no longer owns it: its writes leave it alone, its sweep does not see it.
     assert await s.put_metas("n1", "u1", "c1", {"team:a": meta("c1", "away", seq=9)}) == []
     assert await s.remove_metas("n1", "u1", "c1", ["team:a"], 2000, True) == []
-    await s.remove_connection("n1", "u1", "c1")
+    assert await s.remove_connection("n1", "u1", "c1") == RESUMED_ELSEWHERE
     assert (await s.channel_presence("team:a"))["u1"] == [meta("c1", "busy")]
     assert await s.dead_nodes(now=20_000) == []  # n1 owns nothing any more
     assert await s.sweep_node("n1", now=20_000) is None
