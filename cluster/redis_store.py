@@ -415,17 +415,11 @@ class RedisStore:
         owned = sorted({tuple(unpack(r)) for r in raw_metas})
         conns = {tuple(unpack(r)) for r in raw_conns}
         claimed = [SweptMeta(ch, user, conn, seen) for ch, user, conn in owned]
-        # The claim stays until sweep_finish: every claimed meta is reported, also
-        # those an earlier (dead) sweeper already removed, whose leaves may be lost;
-        # not those another node adopted (a resume), which stay where they are.
-        removed = await self._run([
-            (keys.channel_metas(m.ch), META_REMOVE.call(
-                [keys.channel_metas(m.ch)], [keys.meta_field(m.user, m.conn), node]))
-            for m in claimed])
-        swept = [SweptMeta(m.ch, m.user, m.conn, seen, vacated=int(r) == 2)
-                 for m, r in zip(claimed, removed, strict=True) if int(r) >= 0]
+        # The connection records (and resume hashes) go first, so that no resume takes
+        # a connection once its leaves are on their way; a connection a resume took
+        # already keeps its metas (its adoption may not have moved them yet).
         by_user: dict[str, set[str]] = {}
-        for m in swept:
+        for m in claimed:
             by_user.setdefault(m.user, set()).add(m.conn)
         for user, conn in conns:
             by_user.setdefault(user, set()).add(conn)
@@ -439,10 +433,21 @@ class RedisStore:
             writes.append((user_keys[0], USER_SWEEP.call(
                 user_keys, [seen, self.last_seen_ms, node, *ordered])))
         results = await self._run(writes)
+        elsewhere = {(u, text(c)) for u, r in zip(users, results, strict=True) for c in r[2:]}
+        # The claim stays until sweep_finish: every claimed meta is reported, also
+        # those an earlier (dead) sweeper already removed, whose leaves may be lost;
+        # not those another node adopted (a resume), which stay where they are.
+        claimed = [m for m in claimed if (m.user, m.conn) not in elsewhere]
+        removed = await self._run([
+            (keys.channel_metas(m.ch), META_REMOVE.call(
+                [keys.channel_metas(m.ch)], [keys.meta_field(m.user, m.conn), node]))
+            for m in claimed])
+        swept = [SweptMeta(m.ch, m.user, m.conn, seen, vacated=int(r) == 2)
+                 for m, r in zip(claimed, removed, strict=True) if int(r) >= 0]
         # user.offline: a user whose connections were forgotten and none is left; the
         # flag goes on one of the user's entries (one with no channel if it has none).
-        offline = {u for u, (forgot, left) in zip(users, results, strict=True)
-                   if int(forgot) > 0 and int(left) == 0}
+        offline = {u for u, r in zip(users, results, strict=True)
+                   if int(r[0]) > 0 and int(r[1]) == 0}
         for i, m in enumerate(swept):
             if m.user in offline:
                 swept[i] = SweptMeta(m.ch, m.user, m.conn, seen, m.vacated, offline=True)

@@ -1,6 +1,6 @@
 -- Forget connections of a user that lived on a swept (dead) node, and set last-seen.
 -- A connection recorded as another node's (resumed there) is left alone. Returns
--- {connections forgotten, the user's connections left}.
+-- {connections forgotten, the user's connections left, conn resumed elsewhere...}.
 -- KEYS[1] presence:user:{u}:conns   hash conn -> node
 -- KEYS[2] presence:user:{u}:index   hash conn -> msgpack meta
 -- KEYS[3] presence:user:{u}:seen    last-seen ms
@@ -11,6 +11,7 @@
 -- ARGV[3] the swept node
 -- ARGV[4..] conns to forget
 local forgot = 0
+local elsewhere = {}
 for i = 4, #ARGV do
     local owner = redis.call('HGET', KEYS[1], ARGV[i])
     if not owner or owner == ARGV[3] then
@@ -19,9 +20,15 @@ for i = 4, #ARGV do
         redis.call('HDEL', KEYS[4], ARGV[i])
         redis.call('DEL', KEYS[i + 1])
         forgot = forgot + 1
+    else
+        elsewhere[#elsewhere + 1] = ARGV[i]
     end
 end
 if forgot > 0 then
     redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 end
-return {forgot, redis.call('HLEN', KEYS[1])}
+local out = {forgot, redis.call('HLEN', KEYS[1])}
+for _, conn in ipairs(elsewhere) do
+    out[#out + 1] = conn
+end
+return out
