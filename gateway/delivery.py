@@ -16,7 +16,7 @@ from presence.messages import ChurnMsg, JoinMsg, LeaveMsg, decode_message
 
 def deliver(hub: Hub, repair: GapRepair, metrics: Metrics, topic: str, payload: bytes) -> None:
     """Hand one broker message of ``topic`` to the hub."""
-    metrics.broker_messages.labels("in").inc()
+    metrics.broker_in.inc()
     msg = decode_message(payload)
     if isinstance(msg, JoinMsg):
         repair.deliver(topic, lambda: hub.on_join(topic, msg.user, msg.meta, msg.ts))

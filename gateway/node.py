@@ -255,7 +255,7 @@ class Node:
     async def publish(self, messages: list[tuple[str, bytes]]) -> None:
         if messages:
             await self.broker.publish(messages)
-            self.metrics.broker_messages.labels("out").inc(len(messages))
+            self.metrics.broker_out.inc(len(messages))
 
     def _retrying(self, make: Callable[[], Awaitable[T]]) -> Awaitable[T]:
         return retrying(make, self._write_retry, BackendError, self.health.usable)
