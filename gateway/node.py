@@ -186,9 +186,11 @@ class Node:
 
     async def _forget(self, user: str, cid: str, presence: list[str], cause: str,
                       last_seen: int) -> None:
-        left: list[int | None] = []  # record and resume token go first: no resume after
+        left: list[int | None] = []  # remove_connection's answer, kept across retries
 
-        async def forget() -> None:  # the leaves; one resumed elsewhere keeps its metas
+        async def forget() -> None:
+            # The record and its resume token go first (no resume after the leaves); a
+            # connection a resume took (RESUMED_ELSEWHERE) keeps its metas for it.
             left[:] = left or [await self.store.remove_connection(self.owner, user, cid)]
             if left[0] != RESUMED_ELSEWHERE and await self.drop_presence(
                     user, cid, presence, True, last_seen):
