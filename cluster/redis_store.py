@@ -44,7 +44,6 @@ from typing import TYPE_CHECKING, Any
 
 from cluster import keys
 from cluster.base import (
-    RESUMED_ELSEWHERE,
     SWEEP_CLAIM_MS,
     Adopted,
     BackendUnavailable,
@@ -185,13 +184,11 @@ class RedisStore:
 
     async def remove_connection(self, node: str, user: str, conn: str) -> int | None:
         user_key = keys.user_conns(user)
-        left = int(await self._one(user_key, *CONN_REMOVE.call(
-            [user_key, keys.user_resume(user), keys.user_channels(user, conn)], [conn, node])))
+        left = await self._one(user_key, *CONN_REMOVE.call(
+            [user_key, keys.user_resume(user), keys.user_channels(user, conn)], [conn, node]))
         await self._one(keys.node_conns(node), "SREM", keys.node_conns(node),
                         pack([user, conn]))
-        if left == -2:
-            return RESUMED_ELSEWHERE
-        return None if left < 0 else left
+        return None if left is None else int(left)  # the script answers -1 for RESUMED_ELSEWHERE
 
     async def track_channel(self, node: str, user: str, conn: str, ch: str,
                             joined: bool) -> None:

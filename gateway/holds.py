@@ -27,7 +27,7 @@ import structlog
 
 from cluster.base import Adopted, Store
 from gateway.metrics import Metrics
-from gateway.ports import BackendError
+from gateway.ports import BackendError, now_ms
 from presence.text import has_control, is_encodable
 
 log = structlog.get_logger("presence.holds")
@@ -78,6 +78,7 @@ class Holds:
         self._background = background
         self._metrics = metrics
         self._held: dict[str, Held] = {}
+        self._expiring: set[str] = set()  # expiries under way (see resume)
 
     @property
     def enabled(self) -> bool:
@@ -87,11 +88,9 @@ class Holds:
         return len(self._held)
 
     def hold(self, conn: str, user: str, channels: list[str], lost_at: int) -> None:
-        """Keep ``conn``'s metas for ``ttl`` seconds, then expire them."""
-        held = Held(user, channels, lost_at)
-        held.handle = asyncio.get_running_loop().call_later(self.ttl, self._fire, conn)
-        self._held[conn] = held
-        self._metrics.held.set(len(self._held))
+        """Keep ``conn``'s metas until ``ttl`` seconds after ``lost_at``, then expire
+        them."""
+        self._start(conn, Held(user, channels, lost_at))
 
     def take(self, conn: str) -> Held | None:
         """``conn`` was resumed: stop its timer (here, or nothing if held elsewhere)."""
@@ -106,9 +105,16 @@ class Holds:
         """Adopt for ``owner`` the connection ``token`` names (held here, elsewhere,
         or by a dead or drained node); with its new resume token. ``(None, "")`` when
         it cannot be resumed, also when the backend is down (the client starts
-        afresh rather than wait)."""
+        afresh rather than wait).
+
+        A connection held here has its timer stopped before the Store is asked, and
+        one whose expiry has begun is refused: the expiry removes the connection's
+        record as this node's, so a claim by this same node in between would be
+        removed with it while the client is told ``resumed`` (another node's claim
+        is seen by the expiry as :data:`cluster.base.RESUMED_ELSEWHERE`)."""
         conn = token_conn(token)
-        if conn is not None:
+        if conn is not None and conn not in self._expiring:
+            held = self.take(conn)
             new, new_hash = new_token(conn)
             try:
                 adopted = await store.resume(owner, user, conn, token_hash(token), new_hash)
@@ -116,17 +122,31 @@ class Holds:
                 log.warning("resume_failed", error=type(exc).__name__)
                 adopted = None
             if adopted is not None:
-                self.take(conn)
                 self._metrics.resumes.labels("resumed").inc()
                 return adopted, new
+            if held is not None:  # not this token's to take: the hold goes on as it was
+                self._start(conn, held)
         self._metrics.resumes.labels("not_resumed").inc()
         return None, ""
+
+    def _start(self, conn: str, held: Held) -> None:
+        left = self.ttl - (now_ms() - held.lost_at) / 1000
+        held.handle = asyncio.get_running_loop().call_later(max(0.0, left), self._fire, conn)
+        self._held[conn] = held
+        self._metrics.held.set(len(self._held))
 
     def _fire(self, conn: str) -> None:
         held = self._held.pop(conn, None)
         self._metrics.held.set(len(self._held))
         if held is not None:
-            self._background(self._expire(conn, held))
+            self._expiring.add(conn)
+            self._background(self._run_expiry(conn, held))
+
+    async def _run_expiry(self, conn: str, held: Held) -> None:
+        try:
+            await self._expire(conn, held)
+        finally:
+            self._expiring.discard(conn)
 
     def close(self) -> None:
         """Node stop: the timers go; the node's lease covers what they held."""

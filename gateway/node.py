@@ -39,6 +39,7 @@ from gateway.health import Health, until_connected
 from gateway.holds import Holds
 from gateway.hub import Hub
 from gateway.leases import Leases
+from gateway.live import Live
 from gateway.metrics import Metrics
 from gateway.ports import BackendError, LocalConnection, NodeServices, now_ms
 from gateway.reassert import Lanes, reassert_all, reassert_channel
@@ -73,7 +74,7 @@ class Node:
         self.stats = NodeStats(self.metrics)
         self.hub = Hub(settings.transport.coalesce_ms, settings.transport.max_buffer,
                        self.stats.on_flush, now_ms)
-        self.sessions: set[LocalConnection] = set()
+        self.sessions = Live()
         self.lanes = Lanes()  # a connection's re-assertion vs its departure
         self.draining = False
         self._ids = itertools.count(1)
@@ -165,7 +166,9 @@ class Node:
     async def register(self, conn: LocalConnection, resume_hash: str, resumed: bool) -> int:
         count = await self._retrying(
             lambda: self.store.add_connection(self.owner, conn.user, conn.conn, resume_hash))
-        self.sessions.add(conn)
+        superseded = self.sessions.add(conn)
+        if superseded is not None:  # its client came back on this socket (gateway/live.py)
+            superseded.abort()
         self.metrics.connections.set(len(self.sessions))
         if count == 1 and not resumed:  # the user's first live connection in the cluster
             self.transitions.online(conn.user)
@@ -174,11 +177,13 @@ class Node:
     async def unregister(self, conn: LocalConnection, channels: Sequence[str],
                          cause: str) -> None:
         async with self.lanes.exclusive(conn.conn):  # after any re-assertion of it
-            self.sessions.discard(conn)
+            owner = self.sessions.discard(conn)
         self.metrics.connections.set(len(self.sessions))
         presence = [ch for ch in channels if ch in conn.metas]
         for ch in channels:
             await self.subscriptions.leave(ch, conn)
+        if not owner:  # superseded: the connection is a newer session's
+            return
         if cause == "lost" and self.holds.enabled:
             self.holds.hold(conn.conn, conn.user, presence, now_ms())
             return

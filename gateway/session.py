@@ -20,9 +20,11 @@ from collections.abc import Mapping
 import structlog
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
+from cluster.base import Adopted
 from gateway.auth import bearer_token
-from gateway.holds import new_token
+from gateway.holds import new_token, token_hash
 from gateway.outbound import CLOSE_TIMEOUT, Outbound
 from gateway.ports import BackendError, NodeServices, now_ms
 from presence import connection as pc
@@ -134,6 +136,8 @@ class Session(Outbound):
         if self.ws.request is not None:
             self.ws.request.headers.clear()
         self.ws.response = None
+        if self.ws.state is not State.OPEN:
+            return False  # the client left while its hello waited: nothing to register
         adopted, token = (None, "")
         if hello.resume is not None:  # a connection lost in the last resume_ttl seconds?
             adopted, token = await self.node.resume(self.user, hello.resume)
@@ -144,6 +148,9 @@ class Session(Outbound):
             token, digest = new_token(self.conn)
         count = await self.node.register(self, digest, adopted is not None)
         self.registered = True
+        if adopted is not None and hello.resume and self.ws.state is not State.OPEN:
+            await self._hold_unwelcomed(adopted, hello.resume)
+            return False
         t, lifetime = self.settings.transport, self.settings.lifetime
         resumed = None if hello.resume is None else adopted is not None
         await self._execute(self.core.registered(
@@ -162,6 +169,18 @@ class Session(Outbound):
         log.info("connection_open", conn=self.conn, user=self.user, role=claims.role,
                  format=self.fmt.value)
         return True
+
+    async def _hold_unwelcomed(self, adopted: Adopted, presented: str) -> None:
+        """The client went away while its resume was being adopted (it gave up waiting
+        for the ``welcome``, as clients do in a reconnect storm): the new token can
+        never reach it, so the token it holds is made good again, and the connection
+        is held as it was, with every adopted channel (the end of the session holds
+        them: nothing adopted may stay in the Store unowned). A ``welcome`` already
+        written spends the token, as PROTOCOL.md says; this is only the one never
+        sent."""
+        for ch, meta in adopted.channels.items():
+            self.core.entered(ch, meta)
+        await self.node.register(self, token_hash(presented), True)
 
     def expire_if_due(self, ms: int) -> None:
         """The node's expiry loop (gateway/expiry.py): 4001 once the token expired."""

@@ -227,6 +227,129 @@ async def test_a_resume_racing_the_hold_expiry_is_refused(
     await late.ws.close()
 
 
+async def test_a_resume_claimed_on_the_holding_node_is_not_expired(
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    """The Store has handed the connection back to the node that holds it, and the
+    hold's deadline passes before that node stops the timer. The expiry used to run
+    anyway: it removed the record as its own and published the leave, while the client
+    was told ``resumed`` (found by the 10,000-client storm: leaves of clients that
+    resumed on the gateway they had lost)."""
+    gw = await gateway_factory(**backend, resume_ttl=1.0)
+    watcher = await watcher_on(gw, "team:w1")
+    r = await raw(gw, gw.token("u1"))
+    await r.request(t="join", ref=1, ch="team:w1")
+    await watcher.wait_for(lambda e: "u1" in e["joins"])
+    store, holds = gw.node.store, gw.node.holds
+    claimed, release, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    resume, hold = store.resume, holds.hold
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        adopted = await resume(*args, **kwargs)
+        claimed.set()
+        await release.wait()
+        return adopted
+
+    def noted(*args: Any, **kwargs: Any) -> None:
+        hold(*args, **kwargs)
+        held.set()
+
+    store.resume = gated  # type: ignore[method-assign]
+    holds.hold = noted  # type: ignore[method-assign]
+    try:
+        r.drop()
+        await asyncio.wait_for(held.wait(), TIMEOUT)
+        back_task = asyncio.ensure_future(raw(gw, gw.token("u1"), resume=r.welcome["resume"]))
+        await asyncio.wait_for(claimed.wait(), TIMEOUT)
+        await asyncio.sleep(1.5)  # what is awaited here is time: the hold's deadline
+        release.set()
+        back = await asyncio.wait_for(back_task, TIMEOUT)
+    finally:
+        release.set()
+        store.resume = resume  # type: ignore[method-assign]
+        holds.hold = hold  # type: ignore[method-assign]
+    assert back.welcome["resumed"] is True and back.welcome["conn"] == r.welcome["conn"]
+    await no_diff_then_update(watcher, back, "u1")
+    await back.ws.close()
+
+
+async def test_a_resume_before_the_node_saw_the_loss_supersedes_the_old_session(
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    """The client is back on the same gateway before that gateway noticed its old
+    socket die (under load a dead socket is found out late; here the old socket is
+    simply still open). The old session used to end later as a loss of its own, be
+    held, and expire: the leave of a connection that was live on its new socket
+    (found by the 10,000-client storm). Now the old socket is cut at once and its end
+    holds nothing."""
+    gw = await gateway_factory(**backend, resume_ttl=1.0)
+    watcher = await watcher_on(gw, "team:w1")
+    r = await raw(gw, gw.token("u1"))
+    await r.request(t="join", ref=1, ch="team:w1")
+    await watcher.wait_for(lambda e: "u1" in e["joins"])
+    back = await raw(gw, gw.token("u1"), resume=r.welcome["resume"])
+    assert back.welcome["resumed"] is True and back.welcome["conn"] == r.welcome["conn"]
+    r.drop()  # the old socket dies now (if the server has not cut it already)
+    await asyncio.sleep(1.5)  # what is awaited here is time: a hold's deadline
+    await no_diff_then_update(watcher, back, "u1")
+    assert len(gw.node.holds) == 0
+    assert len(gw.node.sessions) == 2  # the watcher and the resumed session
+    await back.ws.close()
+
+
+async def test_a_resume_whose_client_left_before_its_welcome_keeps_the_token(
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    """A client that gives up waiting for its ``welcome`` (its timeout fired while the
+    server was busy, as in a reconnect storm) never saw the new token, so the one it
+    holds must stay good. It used to be spent: the retry was told ``resumed: false``,
+    joined afresh, and everyone saw a join, then the hold's leave (found by the
+    10,000-client storm)."""
+    gw = await gateway_factory(**backend, resume_ttl=10.0)
+    watcher = await watcher_on(gw, "team:w1")
+    r = await raw(gw, gw.token("u1"))
+    await r.request(t="join", ref=1, ch="team:w1")
+    await watcher.wait_for(lambda e: "u1" in e["joins"])
+    server, store, holds = gw.gateway.server, gw.node.store, gw.node.holds
+    assert server is not None
+    resuming, release, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    resume, hold = store.resume, holds.hold
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        resuming.set()
+        await release.wait()
+        return await resume(*args, **kwargs)
+
+    def noted(*args: Any, **kwargs: Any) -> None:
+        hold(*args, **kwargs)
+        held.set()
+
+    holds.hold = noted  # type: ignore[method-assign]
+    store.resume = gated  # type: ignore[method-assign]
+    try:
+        r.drop()
+        await asyncio.wait_for(held.wait(), TIMEOUT)  # the loss is held
+        held.clear()
+        before = set(server.connections)
+        ws = await connect(gw.ws_url, subprotocols=["presence.v1.json"],  # type: ignore[list-item]
+                           open_timeout=TIMEOUT)
+        (side,) = set(server.connections) - before  # the server's end of it
+        await ws.send(orjson.dumps({"t": "hello", "token": gw.token("u1"),
+                                    "resume": r.welcome["resume"]}).decode())
+        await asyncio.wait_for(resuming.wait(), TIMEOUT)  # the server is adopting it
+        ws.transport.abort()  # the client gives up before its welcome
+        await asyncio.wait_for(side.wait_closed(), TIMEOUT)
+        release.set()
+        # Held again. (A retry that raced the abandoned adoption would still find the
+        # new token; that window is left: docs/reliability.md.)
+        await asyncio.wait_for(held.wait(), TIMEOUT)
+    finally:
+        release.set()
+        store.resume = resume  # type: ignore[method-assign]
+        holds.hold = hold  # type: ignore[method-assign]
+    back = await raw(gw, gw.token("u1"), resume=r.welcome["resume"])
+    assert back.welcome["resumed"] is True and back.welcome["conn"] == r.welcome["conn"]
+    await no_diff_then_update(watcher, back, "u1")
+    await back.ws.close()
+
+
 async def test_clean_ends_leave_at_once_and_1001_is_a_loss(
         gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
     gw = await gateway_factory(**backend, resume_ttl=30.0)
