@@ -107,8 +107,9 @@ class Holds:
         it cannot be resumed, also when the backend is down (the client starts
         afresh rather than wait).
 
-        A connection held here has its timer stopped before the Store is asked, and
-        one whose expiry has begun is refused: the expiry removes the connection's
+        A connection held here has its timer stopped before the Store is asked (and
+        again after: the old session of a connection resumed here may end only then),
+        and one whose expiry has begun is refused: the expiry removes the connection's
         record as this node's, so a claim by this same node in between would be
         removed with it while the client is told ``resumed`` (another node's claim
         is seen by the expiry as :data:`cluster.base.RESUMED_ELSEWHERE`)."""
@@ -122,6 +123,8 @@ class Holds:
                 log.warning("resume_failed", error=type(exc).__name__)
                 adopted = None
             if adopted is not None:
+                # And a hold begun meanwhile: a stale session of this id, ending late.
+                self.take(conn)
                 self._metrics.resumes.labels("resumed").inc()
                 return adopted, new
             if held is not None:  # not this token's to take: the hold goes on as it was

@@ -6,6 +6,7 @@ a single connection, each in a module of its own:
 - :mod:`gateway.subscriptions`: one broker subscription per channel with local members;
 - :mod:`gateway.repair`: gap repair after a broker failover, serialised with delivery;
 - :mod:`gateway.leases`: this node's lease, self-sweep detection, sweeping dead nodes;
+- :mod:`gateway.live`: live connections, their registration and end;
 - :mod:`gateway.holds`: lost connections held for resume, resume tokens;
 - :mod:`gateway.health`: backend probing, the readiness grace, recovery;
 - :mod:`gateway.writes`: Store writes that failed, retried until done;
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 
-from cluster.base import RESUMED_ELSEWHERE, Adopted, Broker, Store
+from cluster.base import Adopted, Broker, Store
 from cluster.engagement import EngagementStore
 from cluster.factory import make_engagement
 from gateway import reads
@@ -36,10 +37,9 @@ from gateway.delivery import deliver
 from gateway.engagement_feed import EngagementFeed
 from gateway.expiry import expiry_loop
 from gateway.health import Health, until_connected
-from gateway.holds import Holds
 from gateway.hub import Hub
 from gateway.leases import Leases
-from gateway.live import Live
+from gateway.live import Connections
 from gateway.metrics import Metrics
 from gateway.ports import BackendError, LocalConnection, NodeServices, now_ms
 from gateway.reassert import Lanes, reassert_all, reassert_channel
@@ -74,7 +74,6 @@ class Node:
         self.stats = NodeStats(self.metrics)
         self.hub = Hub(settings.transport.coalesce_ms, settings.transport.max_buffer,
                        self.stats.on_flush, now_ms)
-        self.sessions = Live()
         self.lanes = Lanes()  # a connection's re-assertion vs its departure
         self.draining = False
         self._ids = itertools.count(1)
@@ -85,23 +84,26 @@ class Node:
         # by refreshing the same lease; survivors sweep the old incarnation.
         self.owner = self._id_prefix
         self.subscriptions = Subscriptions(broker, self.hub, self.metrics)
-        self.repair = GapRepair(store, self.hub, functools.partial(
-            reassert_channel, self.sessions, put_metas=self.put_metas, lanes=self.lanes))
-        self.reads = reads.Reads(store, self.hub, self.repair.joined_read)
         # Webhook events of presence transitions (gateway/transitions.py, webhooks.py).
         self.webhooks = Webhooks.from_settings(settings.hooks, self.metrics)
         self.transitions = Transitions(
             self.owner, now_ms, self.webhooks.emit if self.webhooks.enabled else None)
-        # Lost connections are held here for resume_ttl, or by the lease once we are gone.
-        self.holds = Holds(settings.lifetime.resume_ttl, lambda cid, held: self._forget(
-            held.user, cid, held.channels, "lost", held.lost_at), self.background, self.metrics)
+        self.writes = RetryQueue()
+        self.connections = Connections(
+            store, self.owner, resume_ttl=settings.lifetime.resume_ttl, lanes=self.lanes,
+            subscriptions=self.subscriptions, writes=self.writes, transitions=self.transitions,
+            metrics=self.metrics, retrying=self._retrying, drop_presence=self.drop_presence,
+            background=self.background)
+        self.sessions, self.holds = self.connections.live, self.connections.holds
+        self.repair = GapRepair(store, self.hub, functools.partial(
+            reassert_channel, self.sessions, put_metas=self.put_metas, lanes=self.lanes))
+        self.reads = reads.Reads(store, self.hub, self.repair.joined_read)
         self.leases = Leases(store, self.owner, settings.backend.node_lease, self.publish,
                              self.reassert_all, self.connection_count,
                              hold=settings.lifetime.resume_ttl,
                              swept=self.transitions.swept, metrics=self.metrics)
         self.health = Health(self._probe, settings.backend.ready_grace, self.metrics,
                              self._recovered)
-        self.writes = RetryQueue()
         self._deliver = functools.partial(deliver, self.hub, self.repair, self.metrics)
         # Engagement signals (gateway/engagement_feed.py); tests swap the store and clock.
         self.engagement = engagement or make_engagement(settings)
@@ -164,49 +166,14 @@ class Node:
         return len(self.sessions)
 
     async def register(self, conn: LocalConnection, resume_hash: str, resumed: bool) -> int:
-        count = await self._retrying(
-            lambda: self.store.add_connection(self.owner, conn.user, conn.conn, resume_hash))
-        superseded = self.sessions.add(conn)
-        if superseded is not None:  # its client came back on this socket (gateway/live.py)
-            superseded.abort()
-        self.metrics.connections.set(len(self.sessions))
-        if count == 1 and not resumed:  # the user's first live connection in the cluster
-            self.transitions.online(conn.user)
-        return count
+        return await self.connections.register(conn, resume_hash, resumed)
 
     async def unregister(self, conn: LocalConnection, channels: Sequence[str],
                          cause: str) -> None:
-        async with self.lanes.exclusive(conn.conn):  # after any re-assertion of it
-            owner = self.sessions.discard(conn)
-        self.metrics.connections.set(len(self.sessions))
-        presence = [ch for ch in channels if ch in conn.metas]
-        for ch in channels:
-            await self.subscriptions.leave(ch, conn)
-        if not owner:  # superseded: the connection is a newer session's
-            return
-        if cause == "lost" and self.holds.enabled:
-            self.holds.hold(conn.conn, conn.user, presence, now_ms())
-            return
-        await self._forget(conn.user, conn.conn, presence, cause, now_ms())
-
-    async def _forget(self, user: str, cid: str, presence: list[str], cause: str,
-                      last_seen: int) -> None:
-        left: list[int | None] = []  # remove_connection's answer, kept across retries
-
-        async def forget() -> None:
-            # The record and its resume token go first (no resume after the leaves); a
-            # connection a resume took (RESUMED_ELSEWHERE) keeps its metas for it.
-            left[:] = left or [await self.store.remove_connection(self.owner, user, cid)]
-            if left[0] != RESUMED_ELSEWHERE and await self.drop_presence(
-                    user, cid, presence, True, last_seen):
-                self.metrics.leaves.labels(cause).inc()
-            if left[0] == 0:
-                self.transitions.offline(user, last_seen, cause)
-
-        await self.writes.attempt((cid, ""), forget)
+        await self.connections.unregister(conn, channels, cause)
 
     async def resume(self, user: str, token: str) -> tuple[Adopted | None, str]:
-        return await self.holds.resume(self.store, self.owner, user, token)
+        return await self.connections.resume(user, token)
 
     async def enter(self, ch: str, member: LocalConnection, meta: Meta | None) -> None:
         await self.writes.settle((member.conn, ch))  # an owed leave first, never dropped

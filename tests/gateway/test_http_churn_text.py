@@ -142,7 +142,10 @@ async def test_fuzz_post_churn(gateway: GatewayHandle, http: aiohttp.ClientSessi
         assert reply["error"] == "bad_request"
         assert await snapshots(gateway) == before
         return
-    org, scores = body["org"], body["scores"]
+    # What the server read: an escaped surrogate pair ("\ud800\udc00", two code
+    # points in ``body``) is one character in JSON.
+    sent = json.loads(dumps(body))
+    org, scores = sent["org"], sent["scores"]
     assert reply["accepted"] == len(scores)
     stored = await gateway.node.store.churn_get(org, [s["supplier"] for s in scores])
     for s in scores:

@@ -295,6 +295,50 @@ async def test_a_resume_before_the_node_saw_the_loss_supersedes_the_old_session(
     await back.ws.close()
 
 
+async def test_a_stale_session_ending_during_the_resume_holds_nothing(
+        gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
+    """As above, but the gateway notices the old socket's death while the Store is
+    handing the connection to the new one: the old session's end begins a hold after
+    the resume looked for one (found by the same storm, after the fix above)."""
+    gw = await gateway_factory(**backend, resume_ttl=1.0)
+    watcher = await watcher_on(gw, "team:w1")
+    r = await raw(gw, gw.token("u1"))
+    await r.request(t="join", ref=1, ch="team:w1")
+    await watcher.wait_for(lambda e: "u1" in e["joins"])
+    store, holds = gw.node.store, gw.node.holds
+    claimed, release, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    resume, hold = store.resume, holds.hold
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        adopted = await resume(*args, **kwargs)
+        claimed.set()
+        await release.wait()
+        return adopted
+
+    def noted(*args: Any, **kwargs: Any) -> None:
+        hold(*args, **kwargs)
+        held.set()
+
+    store.resume = gated  # type: ignore[method-assign]
+    holds.hold = noted  # type: ignore[method-assign]
+    try:
+        back_task = asyncio.ensure_future(raw(gw, gw.token("u1"), resume=r.welcome["resume"]))
+        await asyncio.wait_for(claimed.wait(), TIMEOUT)
+        r.drop()
+        await asyncio.wait_for(held.wait(), TIMEOUT)  # the old session's end holds it
+        release.set()
+        back = await asyncio.wait_for(back_task, TIMEOUT)
+    finally:
+        release.set()
+        store.resume = resume  # type: ignore[method-assign]
+        holds.hold = hold  # type: ignore[method-assign]
+    assert back.welcome["resumed"] is True and back.welcome["conn"] == r.welcome["conn"]
+    await asyncio.sleep(1.5)  # what is awaited here is time: the hold's deadline
+    await no_diff_then_update(watcher, back, "u1")
+    assert len(gw.node.holds) == 0
+    await back.ws.close()
+
+
 async def test_a_resume_whose_client_left_before_its_welcome_keeps_the_token(
         gateway_factory: GatewayFactory, backend: dict[str, Any]) -> None:
     """A client that gives up waiting for its ``welcome`` (its timeout fired while the
