@@ -48,7 +48,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from gateway.auth import mint_token
 from loadtest import procs
-from loadtest.resume_bench import (
+from loadtest.resume_parts import (
     TEAM,
     TIMEOUT,
     Client,
