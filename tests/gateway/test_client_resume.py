@@ -1,4 +1,4 @@
-"""The resuming Python client (gateway.client.ResumingClient) against in-process gateways:
+"""The resuming Python client (gateway.resuming_client.ResumingClient) against in-process gateways:
 resume after a network cut and after a drain (PROTOCOL.md "Resume"), a fresh rejoin with
 the user's metas when the server does not resume, and refresh through a token callback
 before ``exp`` ("Token lifetime").
@@ -18,12 +18,8 @@ from typing import Any
 import pytest
 
 from cluster.memory import MemoryBroker, MemoryBus, MemoryStore
-from gateway.client import (
-    Backoff,
-    PresenceClient,
-    ResumingClient,
-    reconnect_delay,
-)
+from gateway.client import PresenceClient
+from gateway.resuming_client import Backoff, ResumingClient, reconnect_delay
 from tests.browser.support import TcpProxy
 from tests.fixtures.servers import GatewayFactory, GatewayHandle
 
