@@ -87,17 +87,21 @@ class Connections:
 
     async def register(self, conn: LocalConnection, resume_hash: str, resumed: bool) -> int:
         """Record ``conn`` live here and in the Store; the user's connection count."""
-        # Live first: a stale session of this id ending during the write below must
-        # see that it is superseded.
-        superseded = self.live.add(conn)
-        if superseded is not None:
-            superseded.abort()  # its client came back on another socket
+        if resumed:
+            # Live before the write: a stale session of this id ending during it must
+            # see that it is superseded. (A fresh id has no stale session, and is live
+            # only once written: a re-assertion must not record a connection whose
+            # registration may yet fail.)
+            superseded = self.live.add(conn)
+            if superseded is not None:
+                superseded.abort()  # its client came back on another socket
         try:
             count = await self._retrying(lambda: self.store.add_connection(
                 self.owner, conn.user, conn.conn, resume_hash))
         except BaseException:
             self.live.discard(conn)
             raise
+        self.live.add(conn)
         self._metrics.connections.set(len(self.live))
         if count == 1 and not resumed:  # the user's first live connection in the cluster
             self._transitions.online(conn.user)

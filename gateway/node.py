@@ -75,6 +75,10 @@ class Node:
         self.hub = Hub(settings.transport.coalesce_ms, settings.transport.max_buffer,
                        self.stats.on_flush, now_ms)
         self.lanes = Lanes()  # a connection's re-assertion vs its departure
+        # A connection's meta writes, each with its publication, one at a time: two
+        # interleaved (an update during a re-assertion) published in the opposite
+        # order of their writes, and every view kept the older meta (chaos seed 1).
+        self._meta_order = Lanes()
         self.draining = False
         self._ids = itertools.count(1)
         # A per-start prefix keeps connection ids unique even when --node-id is reused.
@@ -96,7 +100,7 @@ class Node:
             background=self.background)
         self.sessions, self.holds = self.connections.live, self.connections.holds
         self.repair = GapRepair(store, self.hub, functools.partial(
-            reassert_channel, self.sessions, put_metas=self.put_metas, lanes=self.lanes))
+            reassert_channel, self.sessions, reput=self.reput_metas, lanes=self.lanes))
         self.reads = reads.Reads(store, self.hub, self.repair.joined_read)
         self.leases = Leases(store, self.owner, settings.backend.node_lease, self.publish,
                              self.reassert_all, self.connection_count,
@@ -206,6 +210,18 @@ class Node:
         if not metas:
             return
         conn = next(iter(metas.values())).conn
+        async with self._meta_order.exclusive(conn):
+            await self._put_metas(user, conn, metas)
+
+    async def reput_metas(self, conn: LocalConnection, ch: str | None) -> None:
+        """Re-assert ``conn``'s current metas (all, or ``ch``'s), read in their turn
+        (gateway/reassert.py ``Reput``)."""
+        async with self._meta_order.exclusive(conn.conn):
+            metas = {c: m for c, m in conn.metas.items() if ch is None or c == ch}
+            if metas:
+                await self._put_metas(conn.user, conn.conn, metas)
+
+    async def _put_metas(self, user: str, conn: str, metas: Mapping[str, Meta]) -> None:
         written = await self._retrying(
             lambda: self.store.put_metas(self.owner, user, conn, metas))
         self.transitions.occupied(*written.changed)
@@ -219,12 +235,13 @@ class Node:
         for entries now another node's: a resume took them); the channels left."""
         if not channels:
             return []
-        ts = now_ms()
-        seen = ts if last_seen is None else last_seen
-        gone = await self.store.remove_metas(self.owner, user, conn, channels, seen, last)
-        self.transitions.vacated(*gone.changed)
-        await self.publish([(ch, encode_leave(user, conn, seen, ts)) for ch in gone])
-        return gone
+        async with self._meta_order.exclusive(conn):
+            ts = now_ms()
+            seen = ts if last_seen is None else last_seen
+            gone = await self.store.remove_metas(self.owner, user, conn, channels, seen, last)
+            self.transitions.vacated(*gone.changed)
+            await self.publish([(ch, encode_leave(user, conn, seen, ts)) for ch in gone])
+            return gone
 
     async def publish(self, messages: list[tuple[str, bytes]]) -> None:
         if messages:
@@ -240,7 +257,7 @@ class Node:
     # -- re-assertion, recovery (delivery: gateway/delivery.py) -----------------------
     async def reassert_all(self, close_failed: bool = True) -> None:
         """Write every live connection again (gateway/reassert.py)."""
-        await reassert_all(self.store, self.owner, self.sessions, self.put_metas,
+        await reassert_all(self.store, self.owner, self.sessions, self.reput_metas,
                            close_failed, self.lanes)
 
     async def _probe(self) -> bool:

@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 
 import structlog
 
 from cluster.base import Store
 from gateway.ports import LocalConnection
 from presence.errors import CloseCode
-from presence.meta import Meta
 
 log = structlog.get_logger("presence.reassert")
 
-PutMetas = Callable[[str, Mapping[str, Meta]], Awaitable[None]]
+Reput = Callable[[LocalConnection, "str | None"], Awaitable[None]]
+"""Node.reput_metas: write a live connection's current metas again (all of them, or one
+channel's), read only when that connection's writes are its to make (so a re-assertion
+never writes, nor publishes after, a meta its connection has replaced meanwhile)."""
 BATCH = 100
 """Connections re-asserted concurrently (bounded, so a big node does not flood Redis)."""
 
@@ -55,19 +57,18 @@ class Lanes:
                 self._locks[conn] = (lock, users - 1)
 
 
-async def reassert_channel(conns: Collection[LocalConnection], ch: str, put_metas: PutMetas,
+async def reassert_channel(conns: Collection[LocalConnection], ch: str, reput: Reput,
                            lanes: Lanes) -> None:
     """Write again the meta of every connection in ``conns`` (the node's live set)
     that has joined ``ch``, each in its lane and only while it is still live."""
     for conn in list(conns):
         async with lanes.exclusive(conn.conn):
-            meta = conn.metas.get(ch)
-            if meta is not None and conn in conns:
-                await put_metas(conn.user, {ch: meta})
+            if ch in conn.metas and conn in conns:
+                await reput(conn, ch)
 
 
 async def reassert_all(store: Store, owner: str, conns: Collection[LocalConnection],
-                       put_metas: PutMetas, close_failed: bool, lanes: Lanes) -> None:
+                       reput: Reput, close_failed: bool, lanes: Lanes) -> None:
     """Write every connection's record and metas again (each in its lane, and only
     while it is still in ``conns``, the node's live set). With ``close_failed``, a
     connection that cannot be re-asserted is closed (1012, its client reconnects and
@@ -78,7 +79,7 @@ async def reassert_all(store: Store, owner: str, conns: Collection[LocalConnecti
                 return  # gone meanwhile: its departure removes what it had
             try:
                 await store.add_connection(owner, conn.user, conn.conn)
-                await put_metas(conn.user, dict(conn.metas))
+                await reput(conn, None)
             except Exception as exc:
                 if not close_failed:
                     raise
