@@ -12,10 +12,11 @@ that change, not a leave or a join.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -94,6 +95,43 @@ async def watcher_on(gw: GatewayHandle, ch: str) -> PresenceClient:
     gw.clients.append(w)
     await w.join(ch)
     return w
+
+
+@dataclass
+class Gate:
+    """The Store's resume held at a gate: ``entered`` once a resume reached it,
+    ``release`` lets it go; ``held`` once the node began a hold."""
+
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+    held: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@contextlib.contextmanager
+def gated_resume(gw: GatewayHandle, after_claim: bool) -> Iterator[Gate]:
+    """Hold ``gw``'s Store resumes at a gate, before the claim or (``after_claim``)
+    once the Store has made it, and note every hold the node begins."""
+    store, holds, gate = gw.node.store, gw.node.holds, Gate()
+    resume, hold = store.resume, holds.hold
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        adopted = await resume(*args, **kwargs) if after_claim else None
+        gate.entered.set()
+        await gate.release.wait()
+        return adopted if after_claim else await resume(*args, **kwargs)
+
+    def noted(*args: Any, **kwargs: Any) -> None:
+        hold(*args, **kwargs)
+        gate.held.set()
+
+    store.resume = gated  # type: ignore[method-assign]
+    holds.hold = noted  # type: ignore[method-assign]
+    try:
+        yield gate
+    finally:
+        gate.release.set()
+        store.resume = resume  # type: ignore[method-assign]
+        holds.hold = hold  # type: ignore[method-assign]
 
 
 async def no_diff_then_update(watcher: PresenceClient, r: Raw, user: str) -> dict[str, Any]:
@@ -239,34 +277,14 @@ async def test_a_resume_claimed_on_the_holding_node_is_not_expired(
     r = await raw(gw, gw.token("u1"))
     await r.request(t="join", ref=1, ch="team:w1")
     await watcher.wait_for(lambda e: "u1" in e["joins"])
-    store, holds = gw.node.store, gw.node.holds
-    claimed, release, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    resume, hold = store.resume, holds.hold
-
-    async def gated(*args: Any, **kwargs: Any) -> Any:
-        adopted = await resume(*args, **kwargs)
-        claimed.set()
-        await release.wait()
-        return adopted
-
-    def noted(*args: Any, **kwargs: Any) -> None:
-        hold(*args, **kwargs)
-        held.set()
-
-    store.resume = gated  # type: ignore[method-assign]
-    holds.hold = noted  # type: ignore[method-assign]
-    try:
+    with gated_resume(gw, after_claim=True) as gate:
         r.drop()
-        await asyncio.wait_for(held.wait(), TIMEOUT)
+        await asyncio.wait_for(gate.held.wait(), TIMEOUT)
         back_task = asyncio.ensure_future(raw(gw, gw.token("u1"), resume=r.welcome["resume"]))
-        await asyncio.wait_for(claimed.wait(), TIMEOUT)
+        await asyncio.wait_for(gate.entered.wait(), TIMEOUT)
         await asyncio.sleep(1.5)  # what is awaited here is time: the hold's deadline
-        release.set()
+        gate.release.set()
         back = await asyncio.wait_for(back_task, TIMEOUT)
-    finally:
-        release.set()
-        store.resume = resume  # type: ignore[method-assign]
-        holds.hold = hold  # type: ignore[method-assign]
     assert back.welcome["resumed"] is True and back.welcome["conn"] == r.welcome["conn"]
     await no_diff_then_update(watcher, back, "u1")
     await back.ws.close()
@@ -305,33 +323,13 @@ async def test_a_stale_session_ending_during_the_resume_holds_nothing(
     r = await raw(gw, gw.token("u1"))
     await r.request(t="join", ref=1, ch="team:w1")
     await watcher.wait_for(lambda e: "u1" in e["joins"])
-    store, holds = gw.node.store, gw.node.holds
-    claimed, release, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    resume, hold = store.resume, holds.hold
-
-    async def gated(*args: Any, **kwargs: Any) -> Any:
-        adopted = await resume(*args, **kwargs)
-        claimed.set()
-        await release.wait()
-        return adopted
-
-    def noted(*args: Any, **kwargs: Any) -> None:
-        hold(*args, **kwargs)
-        held.set()
-
-    store.resume = gated  # type: ignore[method-assign]
-    holds.hold = noted  # type: ignore[method-assign]
-    try:
+    with gated_resume(gw, after_claim=True) as gate:
         back_task = asyncio.ensure_future(raw(gw, gw.token("u1"), resume=r.welcome["resume"]))
-        await asyncio.wait_for(claimed.wait(), TIMEOUT)
+        await asyncio.wait_for(gate.entered.wait(), TIMEOUT)
         r.drop()
-        await asyncio.wait_for(held.wait(), TIMEOUT)  # the old session's end holds it
-        release.set()
+        await asyncio.wait_for(gate.held.wait(), TIMEOUT)  # the old session's end holds it
+        gate.release.set()
         back = await asyncio.wait_for(back_task, TIMEOUT)
-    finally:
-        release.set()
-        store.resume = resume  # type: ignore[method-assign]
-        holds.hold = hold  # type: ignore[method-assign]
     assert back.welcome["resumed"] is True and back.welcome["conn"] == r.welcome["conn"]
     await asyncio.sleep(1.5)  # what is awaited here is time: the hold's deadline
     await no_diff_then_update(watcher, back, "u1")
@@ -351,43 +349,25 @@ async def test_a_resume_whose_client_left_before_its_welcome_keeps_the_token(
     r = await raw(gw, gw.token("u1"))
     await r.request(t="join", ref=1, ch="team:w1")
     await watcher.wait_for(lambda e: "u1" in e["joins"])
-    server, store, holds = gw.gateway.server, gw.node.store, gw.node.holds
+    server = gw.gateway.server
     assert server is not None
-    resuming, release, held = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    resume, hold = store.resume, holds.hold
-
-    async def gated(*args: Any, **kwargs: Any) -> Any:
-        resuming.set()
-        await release.wait()
-        return await resume(*args, **kwargs)
-
-    def noted(*args: Any, **kwargs: Any) -> None:
-        hold(*args, **kwargs)
-        held.set()
-
-    holds.hold = noted  # type: ignore[method-assign]
-    store.resume = gated  # type: ignore[method-assign]
-    try:
+    with gated_resume(gw, after_claim=False) as gate:
         r.drop()
-        await asyncio.wait_for(held.wait(), TIMEOUT)  # the loss is held
-        held.clear()
+        await asyncio.wait_for(gate.held.wait(), TIMEOUT)  # the loss is held
+        gate.held.clear()
         before = set(server.connections)
         ws = await connect(gw.ws_url, subprotocols=["presence.v1.json"],  # type: ignore[list-item]
                            open_timeout=TIMEOUT)
         (side,) = set(server.connections) - before  # the server's end of it
         await ws.send(orjson.dumps({"t": "hello", "token": gw.token("u1"),
                                     "resume": r.welcome["resume"]}).decode())
-        await asyncio.wait_for(resuming.wait(), TIMEOUT)  # the server is adopting it
+        await asyncio.wait_for(gate.entered.wait(), TIMEOUT)  # the server is adopting it
         ws.transport.abort()  # the client gives up before its welcome
         await asyncio.wait_for(side.wait_closed(), TIMEOUT)
-        release.set()
+        gate.release.set()
         # Held again. (A retry that raced the abandoned adoption would still find the
         # new token; that window is left: docs/reliability.md.)
-        await asyncio.wait_for(held.wait(), TIMEOUT)
-    finally:
-        release.set()
-        store.resume = resume  # type: ignore[method-assign]
-        holds.hold = hold  # type: ignore[method-assign]
+        await asyncio.wait_for(gate.held.wait(), TIMEOUT)
     back = await raw(gw, gw.token("u1"), resume=r.welcome["resume"])
     assert back.welcome["resumed"] is True and back.welcome["conn"] == r.welcome["conn"]
     await no_diff_then_update(watcher, back, "u1")
