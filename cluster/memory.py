@@ -96,6 +96,25 @@ class _Claim:
     metas: set[SweptMeta]
 
 
+def _with(index: dict[str, tuple[str, ...]], key: str, item: str) -> tuple[str, ...]:
+    """Add ``item`` to the tuple at ``key`` (made on first use); the tuple after."""
+    items = index.get(key, ())
+    if item not in items:
+        items = index[key] = (*items, item)
+    return items
+
+
+def _without(index: dict[str, tuple[str, ...]], key: str, item: str) -> int:
+    """Remove ``item`` from the tuple at ``key``, and the key once it is empty; how many
+    items are left."""
+    items = tuple(x for x in index.get(key, ()) if x != item)
+    if items:
+        index[key] = items
+    else:
+        index.pop(key, None)
+    return len(items)
+
+
 class MemoryStore:
     """All shared state in dicts. Methods never suspend, so each is atomic."""
 
@@ -105,10 +124,12 @@ class MemoryStore:
         self._owner: dict[tuple[str, str, str], str] = {}
         self._node_metas: dict[str, set[tuple[str, str, str]]] = {}
         self._node_conns: dict[str, set[tuple[str, str]]] = {}
-        self._user_conns: dict[str, set[str]] = {}
+        # A user's connections and a connection's channels are few: tuples (48 bytes for
+        # one) rather than sets (216), as both are kept for every connection.
+        self._user_conns: dict[str, tuple[str, ...]] = {}
         self._user_index: dict[str, dict[str, Meta]] = {}
         self._conn_node: dict[str, str] = {}
-        self._conn_channels: dict[str, set[str]] = {}  # presence channels with a meta
+        self._conn_channels: dict[str, tuple[str, ...]] = {}  # channels with a meta
         self._churn_joined: dict[str, set[str]] = {}
         self._resume: dict[tuple[str, str], str] = {}
         self._refreshed: dict[str, int] = {}
@@ -134,13 +155,13 @@ class MemoryStore:
 
     async def add_connection(self, node: str, user: str, conn: str,
                              resume_hash: str = "") -> int:
-        conns = self._user_conns.setdefault(user, set())
-        if not self._foreign(node, conn):
-            conns.add(conn)
-            self._node_conns.setdefault(node, set()).add((user, conn))
-            self._conn_node[conn] = node
-            if resume_hash:
-                self._resume[(user, conn)] = resume_hash
+        if self._foreign(node, conn):
+            return len(self._user_conns.get(user, ()))
+        conns = _with(self._user_conns, user, conn)
+        self._node_conns.setdefault(node, set()).add((user, conn))
+        self._conn_node[conn] = node
+        if resume_hash:
+            self._resume[(user, conn)] = resume_hash
         return len(conns)
 
     async def remove_connection(self, node: str, user: str, conn: str) -> int | None:
@@ -153,12 +174,8 @@ class MemoryStore:
     def _forget_connection(self, node: str, user: str, conn: str) -> int:
         """Forget ``conn``; the user's connections left."""
         left = 0
-        conns = self._user_conns.get(user)
-        if conns is not None:
-            conns.discard(conn)
-            left = len(conns)
-            if not conns:
-                del self._user_conns[user]
+        if user in self._user_conns:
+            left = _without(self._user_conns, user, conn)
         self._node_conns.get(node, set()).discard((user, conn))
         self._conn_node.pop(conn, None)
         self._resume.pop((user, conn), None)
@@ -197,7 +214,7 @@ class MemoryStore:
         self._node_conns.get(old, set()).discard(key)
         self._node_conns.setdefault(node, set()).add(key)
         self._conn_node[conn] = node
-        self._user_conns.setdefault(user, set()).add(conn)
+        _with(self._user_conns, user, conn)
         return Adopted(conn, channels)
 
     # -- metas -------------------------------------------------------------------
@@ -216,7 +233,7 @@ class MemoryStore:
             self._channels.setdefault(ch, ChannelState()).put(user, meta)
             self._owner[key] = node
             owned.add(key)
-            self._conn_channels.setdefault(conn, set()).add(ch)
+            _with(self._conn_channels, conn, ch)
             self._user_index.setdefault(user, {})[conn] = meta
             written.append(ch)
         return written
@@ -243,11 +260,8 @@ class MemoryStore:
         owner = self._owner.pop((ch, user, conn), None)
         if owner is not None:
             self._node_metas.get(owner, set()).discard((ch, user, conn))
-        chans = self._conn_channels.get(conn)
-        if chans is not None:
-            chans.discard(ch)
-            if not chans:
-                del self._conn_channels[conn]
+        if conn in self._conn_channels:
+            _without(self._conn_channels, conn, ch)
         return removed is not None
 
     def _drop_from_index(self, user: str, conn: str) -> None:

@@ -90,11 +90,16 @@ class Session(Outbound):
                 return
             if not await self._authenticate():
                 return
-            async for message in self.ws:
+            # recv() in a loop, not ``async for``: the iterator's async generator stays
+            # suspended with the connection, 300 bytes for nothing.
+            ws = self.ws
+            while True:
+                message = await ws.recv()
                 node.stats.count_in(len(message))
                 if not self.closing:
                     await self._execute(
                         self.core.receive(message, self.fmt, time.monotonic(), now_ms()))
+                del message  # not kept alive by this frame while the next one is awaited
         except ConnectionClosed:
             pass
         except Exception:

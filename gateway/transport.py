@@ -31,14 +31,22 @@ the transport has paused writing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.frames import CloseCode, Frame, Opcode
 from websockets.protocol import State
+
+KEEPALIVE_PING = b"keepalive"
+"""Payload of the server's keepalive pings (a pong carrying it answers the last one)."""
+
+SERVER_LOGGER = logging.getLogger("websockets.server")
+"""The logger of every connection (websockets' own, without its per-connection adapter)."""
 
 WRITE_LIMIT = 32 * 1024
 """High-water mark of a connection's write buffer (websockets' default, made explicit):
@@ -71,6 +79,22 @@ class BufferPolicy:
         return min(self.buffer_grace, self.stall_timeout) / 4
 
 
+class FrameList(list[Any]):
+    """The part of :class:`collections.deque` that websockets' inbound frame queue uses
+    (``append``, ``popleft``, ``extendleft``, ``len``), on a list: the queue holds at
+    most ``max_queue`` frames, so moving them on ``popleft`` costs less than a deque's
+    64-slot block costs every idle connection."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+    def extendleft(self, items: Iterable[Any]) -> None:
+        # deque.extendleft prepends one item at a time: the last one ends up first.
+        self[0:0] = list(items)[::-1]
+
+
 class BoundedConnection(ServerConnection):
     """A server connection that reads only as fast as its client reads (module
     docstring). Use :func:`bounded_connections` to bind a :class:`BufferPolicy`."""
@@ -80,8 +104,8 @@ class BoundedConnection(ServerConnection):
     # Slots, not instance-dict entries: attributes added to the base class's __dict__
     # after its own grow it out of its shared-key layout, about 1.5 KB a connection
     # (memory per idle connection is a target).
-    __slots__ = ("_watch", "over_since", "overflowed", "queue_full", "reading_paused",
-                 "stalled_since")
+    __slots__ = ("_watch", "over_since", "overflowed", "ping_due", "ping_sent", "queue_full",
+                 "reading_paused", "stalled_since")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -92,6 +116,17 @@ class BoundedConnection(ServerConnection):
         self.overflowed: str | None = None
         """Why the policy closed this connection; None while it has not."""
         self._watch: asyncio.TimerHandle | None = None
+        self.ping_due: float | None = None
+        """Loop time of the next keepalive ping (gateway/keepalive.py); None until the
+        keepalive first sees the connection open."""
+        self.ping_sent: float | None = None
+        """Loop time of the keepalive ping not answered yet; None when none is."""
+        # websockets keeps its waiters for a drained buffer in a deque: 760 bytes a
+        # connection, for a list that is empty except while a send() waits.
+        self.drain_waiters = []  # type: ignore[assignment]
+        # websockets wraps its logger in an adapter per connection (with a weak proxy
+        # to it, for log formatters: none of ours reads it), 320 bytes a connection.
+        self.protocol.logger = self.logger = SERVER_LOGGER
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -99,6 +134,19 @@ class BoundedConnection(ServerConnection):
         # here, or its resume would undo a pause for a full write buffer.
         self.recv_messages.pause = self._pause_for_queue
         self.recv_messages.resume = self._resume_for_queue
+        # Its queue of inbound frames is a deque, 760 bytes a connection for the few
+        # frames (at most max_queue) it ever holds; the same queue on a list takes 72.
+        frames = self.recv_messages.frames
+        if type(frames.queue) is collections.deque and not frames.queue:
+            frames.queue = FrameList()  # type: ignore[assignment]
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            # websockets binds a subprotocol chooser to each protocol, a closure over the
+            # connection (a reference cycle, 270 bytes) used by the handshake only.
+            vars(self.protocol).pop("select_subprotocol", None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -186,9 +234,47 @@ class BoundedConnection(ServerConnection):
             return
         if self.policy.on_overflow is not None:
             self.policy.on_overflow(reason)
-        # The close frame joins the queue of unsent bytes: a client that starts reading
-        # gets it; one that does not is cut after close_grace.
-        self.protocol.fail(CloseCode.POLICY_VIOLATION, f"slow consumer: {reason}")
+        # A client that starts reading gets the close frame; one that does not is cut.
+        self._fail(CloseCode.POLICY_VIOLATION, f"slow consumer: {reason}")
+
+    # -- keepalive (driven by gateway/keepalive.py) ------------------------------------
+    def keepalive_due(self, now: float, interval: float, timeout: float) -> bool | None:
+        """The keepalive's turn at loop time ``now``: True when a ping was sent, False
+        when the connection was failed (1011) for a pong ``timeout`` seconds late, None
+        when nothing was due. A ping goes ``interval`` seconds after the connection was
+        first seen open, then ``interval`` seconds after the previous ping once it is
+        answered."""
+        if self.protocol.state is not State.OPEN or self.transport.is_closing():
+            return None
+        if self.ping_sent is not None:
+            if now - self.ping_sent < timeout:
+                return None
+            self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+            return False
+        if self.ping_due is None:
+            self.ping_due = now + interval
+            return None
+        if now < self.ping_due:
+            return None
+        self.protocol.send_ping(KEEPALIVE_PING)
+        with contextlib.suppress(Exception):
+            self.send_data()
+        self.ping_sent = now
+        self.ping_due = now + interval
+        return True
+
+    def acknowledge_pings(self, data: bytes) -> None:
+        if data == KEEPALIVE_PING and self.ping_sent is not None:
+            self.latency = self.loop.time() - self.ping_sent
+            self.ping_sent = None
+            return
+        super().acknowledge_pings(data)
+
+    def _fail(self, code: CloseCode, reason: str) -> None:
+        """Fail the open connection with ``code``: the close frame joins the queue of
+        unsent bytes, and the TCP connection is cut ``close_grace`` seconds later if it
+        has not ended by then."""
+        self.protocol.fail(code, reason)
         with contextlib.suppress(Exception):
             self.send_data()
         self.loop.call_later(self.policy.close_grace, self._abort)
@@ -209,7 +295,8 @@ def bounded_connections(policy: BufferPolicy) -> type[BoundedConnection]:
     return Bounded
 
 
-__all__ = ["WRITE_LIMIT", "BoundedConnection", "BufferPolicy", "bounded_connections"]
+__all__ = ["KEEPALIVE_PING", "WRITE_LIMIT", "BoundedConnection", "BufferPolicy", "FrameList",
+           "bounded_connections"]
 
 
 # -- prepared frames (one serialization per flush, the same bytes to every member) -------

@@ -1,0 +1,89 @@
+"""WebSocket keepalive for every connection of a server from one task.
+
+websockets' own keepalive runs a task per connection (the task, its coroutine, a timer
+and a future waiting for each pong: about 1.5 KB a connection, a tenth of an idle
+connection's memory). :class:`Keepalive` keeps the same contract with two floats a
+connection (:class:`~gateway.transport.BoundedConnection`'s ``ping_due`` and
+``ping_sent``) and one sweep of the server's connections every ``tick`` seconds:
+
+- every open connection is sent a Ping frame ``interval`` seconds after it was first
+  seen open, then ``interval`` seconds after each answered ping (websockets'
+  ``ping_interval``);
+- a connection whose Pong for that ping has not come ``timeout`` seconds after the ping
+  was sent is failed with 1011 "keepalive ping timeout", as websockets does
+  (``ping_timeout``), and cut ``close_grace`` seconds later if it has not closed.
+
+Each deadline is overrun by at most ``tick`` (a quarter of the shorter bound, at most
+1 s). A sweep writes only to the connections that are due, so connections that opened
+together are pinged together only within one tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Collection
+
+from websockets.asyncio.server import ServerConnection
+
+from gateway.transport import BoundedConnection
+
+MAX_TICK = 1.0
+
+
+class Keepalive:
+    """Pings ``connections()`` (the server's open and opening connections) every
+    ``interval`` seconds and fails those whose pong is ``timeout`` seconds late.
+
+    Connections that are not :class:`BoundedConnection` are left alone.
+    """
+
+    def __init__(
+        self,
+        connections: Callable[[], Collection[ServerConnection]],
+        interval: float,
+        timeout: float,
+    ) -> None:
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("interval and timeout must be positive")
+        self.connections = connections
+        self.interval = interval
+        self.timeout = timeout
+        self.tick = min(MAX_TICK, min(interval, timeout) / 4)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick)
+            self.sweep(loop.time())
+
+    def sweep(self, now: float) -> tuple[int, int]:
+        """One pass over the connections at loop time ``now``: (pings sent, connections
+        failed for a late pong)."""
+        pinged = failed = 0
+        for c in list(self.connections()):
+            if not isinstance(c, BoundedConnection):
+                continue
+            verdict = c.keepalive_due(now, self.interval, self.timeout)
+            if verdict is None:
+                continue
+            if verdict:
+                pinged += 1
+            else:
+                failed += 1
+        return pinged, failed
+
+
+__all__ = ["Keepalive"]
