@@ -228,9 +228,11 @@ class MemoryStore:
             key = (ch, user, conn)
             if self._owner.get(key, node) != node:
                 continue
-            if ch not in self._channels:
+            state = self._channels.get(ch)
+            if state is None:
+                state = self._channels[ch] = ChannelState()
                 written.changed.append(ch)
-            self._channels.setdefault(ch, ChannelState()).put(user, meta)
+            state.put(user, meta)
             self._owner[key] = node
             owned.add(key)
             _with(self._conn_channels, conn, ch)

@@ -244,17 +244,21 @@ class BoundedConnection(ServerConnection):
         when nothing was due. A ping goes ``interval`` seconds after the connection was
         first seen open, then ``interval`` seconds after the previous ping once it is
         answered."""
+        # The clock first: most connections are not due, and this runs for each of them
+        # on every sweep.
+        sent = self.ping_sent
+        if sent is not None:
+            if now - sent < timeout:
+                return None
+        elif self.ping_due is not None and now < self.ping_due:
+            return None
         if self.protocol.state is not State.OPEN or self.transport.is_closing():
             return None
-        if self.ping_sent is not None:
-            if now - self.ping_sent < timeout:
-                return None
+        if sent is not None:
             self._fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
             return False
         if self.ping_due is None:
             self.ping_due = now + interval
-            return None
-        if now < self.ping_due:
             return None
         self.protocol.send_ping(KEEPALIVE_PING)
         with contextlib.suppress(Exception):
