@@ -116,10 +116,11 @@ async def test_a_connection_that_answers_is_pinged_every_interval_and_kept(
         client.close()
     assert close is None, f"closed although every ping was answered: {close}"
     # 8 intervals: a ping every interval, each late by at most one sweep (0.05 s), plus
-    # the loop's and the machine's delays.
-    assert 5 <= len(pings) <= 8, pings
+    # the delays of a loaded machine (the bounds leave room for them, not for a ping
+    # every sweep, nor for one every other interval).
+    assert 4 <= len(pings) <= 8, pings
     gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
-    assert all(INTERVAL * 0.9 <= g <= INTERVAL + 0.35 for g in gaps), gaps
+    assert all(INTERVAL * 0.9 <= g <= 2 * INTERVAL - 0.05 for g in gaps), gaps
 
 
 async def test_a_connection_that_does_not_answer_is_closed_with_1011(
