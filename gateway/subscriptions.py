@@ -48,8 +48,13 @@ class Subscriptions:
         if task is None:
             task = self._active[ch] = asyncio.ensure_future(self._subscribe(ch))
         try:
-            async with asyncio.timeout(self.wait):
-                await asyncio.shield(task)
+            if task.done():
+                # The channel's subscription is up (the common case, every join but a
+                # channel's first on this node): no timer and no shield to pay for.
+                task.result()
+            else:
+                async with asyncio.timeout(self.wait):
+                    await asyncio.shield(task)
         except BaseException as exc:
             await self.leave(ch, member)
             if isinstance(exc, TimeoutError):
