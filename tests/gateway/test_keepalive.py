@@ -9,6 +9,7 @@ ping and decides whether the pong goes out.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass
 
@@ -119,7 +120,7 @@ async def test_a_connection_that_answers_is_pinged_every_interval_and_kept(
     # the delays of a loaded machine (the bounds leave room for them, not for a ping
     # every sweep, nor for one every other interval).
     assert 4 <= len(pings) <= 8, pings
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert all(INTERVAL * 0.9 <= g <= 2 * INTERVAL - 0.05 for g in gaps), gaps
 
 
