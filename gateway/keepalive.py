@@ -25,9 +25,12 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Collection
 
+import structlog
 from websockets.asyncio.server import ServerConnection
 
 from gateway.transport import BoundedConnection
+
+log = structlog.get_logger("presence.keepalive")
 
 TICKS_PER_BOUND = 8
 
@@ -77,7 +80,12 @@ class Keepalive:
         for c in list(self.connections()):
             if not isinstance(c, BoundedConnection):
                 continue
-            verdict = c.keepalive_due(now, self.interval, self.timeout)
+            try:
+                verdict = c.keepalive_due(now, self.interval, self.timeout)
+            except Exception:
+                # One connection's failure must not end the keepalive of all the others.
+                log.exception("keepalive_failed")
+                continue
             if verdict is None:
                 continue
             if verdict:

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 from websockets.client import ClientProtocol
@@ -19,7 +20,8 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
 
-from gateway.transport import KEEPALIVE_PING
+from gateway.keepalive import Keepalive
+from gateway.transport import KEEPALIVE_PING, BoundedConnection
 from tests.fixtures.servers import GatewayFactory, GatewayHandle
 
 INTERVAL = 0.4
@@ -147,3 +149,30 @@ async def test_every_connection_of_the_node_is_swept(gw: GatewayHandle) -> None:
             c.close()
     closed = [close is not None for _, close in results]
     assert closed == [False, True, False, True, False, True]
+
+
+class _Probe(BoundedConnection):
+    """A connection as the sweep sees it, without a socket: records its turns, or
+    raises."""
+
+    turns: ClassVar[list[str]] = []
+
+    def __init__(self, name: str, fails: bool) -> None:  # no socket, no protocol
+        self.name_ = name
+        self.fails = fails
+
+    __slots__ = ("fails", "name_")
+
+    def keepalive_due(self, now: float, interval: float, timeout: float) -> bool | None:
+        if self.fails:
+            raise RuntimeError("broken connection")
+        self.turns.append(self.name_)
+        return True
+
+
+def test_a_connection_that_raises_does_not_stop_the_sweep_of_the_others() -> None:
+    probes = [_Probe("a", False), _Probe("b", True), _Probe("c", False)]
+    _Probe.turns.clear()
+    keepalive = Keepalive(lambda: probes, interval=1.0, timeout=1.0)
+    assert keepalive.sweep(10.0) == (2, 0)
+    assert _Probe.turns == ["a", "c"]
