@@ -7,8 +7,8 @@ connection (:class:`~gateway.transport.BoundedConnection`'s ``ping_due`` and
 ``ping_sent``) and one sweep of the server's connections every ``tick`` seconds:
 
 - every open connection is sent a Ping frame ``interval`` seconds after it was first
-  seen open, then ``interval`` seconds after each answered ping (websockets'
-  ``ping_interval``);
+  seen open, then ``interval`` seconds after the previous ping, once that one is
+  answered (websockets' ``ping_interval``);
 - a connection whose Pong for that ping has not come ``timeout`` seconds after the ping
   was sent is failed with 1011 "keepalive ping timeout", as websockets does
   (``ping_timeout``), and cut ``close_grace`` seconds later if it has not closed.
@@ -22,7 +22,6 @@ tick they come due, so a burst of connects is pinged as it came, spread over tic
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable, Collection
 
 import structlog
@@ -54,20 +53,9 @@ class Keepalive:
         self.interval = interval
         self.timeout = timeout
         self.tick = min(interval, timeout) / TICKS_PER_BOUND
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
+    async def loop(self) -> None:
+        """Sweep every ``tick`` seconds, until cancelled (a node duty: ``Node.run_duty``)."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.tick)

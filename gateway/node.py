@@ -132,8 +132,12 @@ class Node:
         for duty in (self.leases.lease_loop(), self.leases.sweep_loop(), self.health.loop(),
                      self.stats.lag_loop(), self.feed.loop(self.engagement_tick),
                      expiry_loop(lambda: self.sessions)):
-            self._tasks.append(asyncio.ensure_future(duty))
+            self.run_duty(duty)
         log.info("node_started", node=self.node_id, backend=type(self.store).__name__)
+
+    def run_duty(self, duty: Coroutine[Any, Any, None]) -> None:
+        """Run ``duty``, a loop, until :meth:`stop` cancels it with the node's own."""
+        self._tasks.append(asyncio.ensure_future(duty))
 
     def background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -93,7 +93,6 @@ class Gateway:
         self.admin_port = settings.transport.admin_port
         self.stopped = asyncio.Event()
         self.connection_cap = settings.transport.max_connections
-        self.keepalive: Keepalive | None = None
 
     async def _handler(self, ws: ServerConnection) -> None:
         # Every open WebSocket counts, before ``hello`` too: an unauthenticated socket
@@ -164,9 +163,8 @@ class Gateway:
             backlog=s.listen_backlog,
         )
         server = self.server
-        self.keepalive = Keepalive(lambda: server.all_connections, s.ping_interval,
-                                   s.ping_timeout)
-        self.keepalive.start()
+        self.node.run_duty(Keepalive(lambda: server.all_connections, s.ping_interval,
+                                     s.ping_timeout).loop())
         sock = next(iter(self.server.sockets))
         self.port = sock.getsockname()[1]
         log.info("listening", host=s.host, port=self.port, admin_port=self.admin_port,
@@ -213,8 +211,6 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.drain()
-        if self.keepalive is not None:
-            await self.keepalive.stop()
         if self.autoscaler is not None:
             with contextlib.suppress(Exception):
                 await self.autoscaler.stop()
