@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -176,3 +178,46 @@ def test_a_connection_that_raises_does_not_stop_the_sweep_of_the_others() -> Non
     keepalive = Keepalive(lambda: probes, interval=1.0, timeout=1.0)
     assert keepalive.sweep(10.0) == (2, 0)
     assert _Probe.turns == ["a", "c"]
+
+
+FROZEN_CLIENT = """
+import asyncio, sys
+from gateway.client import PresenceClient
+
+async def main():
+    c = await PresenceClient.connect(sys.argv[1], sys.argv[2], "json")
+    await c.join("team:frozen", status="online")
+    print("joined", flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_frozen_client_process_is_closed_and_its_team_sees_it_leave(
+        gateway_factory: GatewayFactory) -> None:
+    """SIGSTOP of a real client process: its kernel keeps the TCP connection up (and
+    even acknowledges what the server sends), so only the missing pong tells."""
+    gw = await gateway_factory(ping_interval=INTERVAL, ping_timeout=TIMEOUT, resume_ttl=0)
+    watcher = await gw.client("watcher")
+    await watcher.join("team:frozen", status="online")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FROZEN_CLIENT, gw.ws_url, gw.token("frozen"),
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), BOUND)
+        assert line.strip() == b"joined"
+        await watcher.wait_for(lambda e: e.get("t") == "diff" and "frozen" in e.get("joins", {}))
+        proc.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        leave = await watcher.wait_for(
+            lambda e: e.get("t") == "diff" and "frozen" in e.get("leaves", {}), BOUND)
+        took = time.monotonic() - frozen_at
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert leave["leaves"]["frozen"][0]["last_seen"] > 0
+    # A ping within an interval, the pong timeout, the close grace (1 s), two sweeps.
+    assert took < INTERVAL + TIMEOUT + 1.0 + 1.0, took
+    assert not any(s.user == "frozen" for s in gw.node.sessions)
