@@ -74,9 +74,11 @@ def _connect_info(ready: list[dict[str, Any]]) -> dict[str, Any]:
     t0 = min(r["t0"] for r in ready)
     t1 = max(r["t1"] for r in ready)
     times = [t for r in ready for t in r["connect_ms"]]
+    client_cpu = sum(r.get("cpu_s", 0.0) for r in ready)
     return {"connected": connected, "failures": failures,
             "connect_rate": connected / max(t1 - t0, 1e-6),
-            "connect_ms": summary(times)}
+            "connect_ms": summary(times), "connect_phase_s": t1 - t0,
+            "client_cpu_us_per_connect": client_cpu / connected * 1e6 if connected else None}
 
 
 class Window:
@@ -161,8 +163,10 @@ def _idle_run(sz: Sizes, join: bool, probe: Probe | None = None) -> dict[str, An
     box: dict[str, Any] = {}
     try:
         rss0 = procs.rss_kb(gw.pid)
+        cpu0 = procs.cpu_seconds(gw.pid)
 
         def when_ready(ready: list[dict[str, Any]]) -> None:
+            box["cpu"] = procs.cpu_seconds(gw.pid) - cpu0
             if probe is not None:
                 probe.end()
             box["rss1"] = procs.rss_kb(gw.pid)
@@ -185,6 +189,13 @@ def _idle_run(sz: Sizes, join: bool, probe: Probe | None = None) -> dict[str, An
         gw.stop()
     info = _connect_info(ready)
     held = info["connected"]
+    # The gateway's CPU from its start to every client connected (it idles while the
+    # client processes boot): per connect, and as a share of the connect phase, which
+    # says whether the gateway or the clients on the same two cores set the rate.
+    cpu = box.get("cpu")
+    info["server_cpu_us_per_connect"] = cpu / held * 1e6 if cpu is not None and held else None
+    info["server_busy"] = (cpu / info["connect_phase_s"]
+                           if cpu is not None and info["connect_phase_s"] > 0 else None)
     return {**info, "target": sz.idle_conns, "server_connections_gauge": box.get("gauge"),
             "rss_before_kb": rss0, "rss_after_kb": box.get("rss1"),
             "kb_per_connection": (box["rss1"] - rss0) / held if held else None}

@@ -181,6 +181,9 @@ def figures(name: str, r: Mapping[str, Any]) -> Figures:
                 "kb_join": r.get("kb_per_connection"), "kb_hello": hello.get("kb_per_connection"),
                 "connect_rate": r.get("connect_rate"),
                 "hello_connect_rate": hello.get("connect_rate"),
+                "srv_us_connect": r.get("server_cpu_us_per_connect"),
+                "srv_busy": r.get("server_busy"),
+                "cli_us_connect": r.get("client_cpu_us_per_connect"),
                 **_lat(r.get("connect_ms"), "connect_")}
     if name == "propagation":
         return _propagation_figures(r)
@@ -319,6 +322,11 @@ def rows(name: str, entry: Mapping[str, Any]) -> list[Row]:
               verdict(R.med("connect_rate"), CONNECTS))
         R.add("  connect time p50 / p99", f"{fmt_spread(R.s('connect_p50'))} / "
               f"{fmt_spread(R.s('connect_p99'))} ms", ["connect_p50"])
+        if R.med("srv_us_connect") is not None:
+            R.add("  CPU per connect: gateway (its busy share of the phase) / clients",
+                  f"{fmt_spread(R.s('srv_us_connect'), 0, ' us')} "
+                  f"({fmt_spread(R.s('srv_busy'), 2)}) / "
+                  f"{fmt_spread(R.s('cli_us_connect'), 0, ' us')}", ["srv_us_connect"])
         R.add("connects, hello only", fmt_spread(R.s("hello_connect_rate"), 0, " conn/s"),
               ["hello_connect_rate"])
     if name == "propagation" and R.summary:

@@ -365,14 +365,15 @@ async def _worker_async(idx: int, job: Job, q: Any, start: Any, go: Any, stop: A
     w = Worker(job, stop)
     q.put(("booted", idx, None))
     await loop.run_in_executor(None, start.wait, 120)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     try:
         await w.connect_all()
     except TimeoutError:
         w.failures["connect phase timed out"] = len(job.conns) - len(w.clients)
-    t1 = time.time()
+    t1, cpu1 = time.time(), time.process_time()
     q.put(("ready", idx, {"connected": len(w.clients), "failures": w.failures,
-                          "connect_ms": w.connect_ms, "t0": t0, "t1": t1}))
+                          "connect_ms": w.connect_ms, "t0": t0, "t1": t1,
+                          "cpu_s": cpu1 - cpu0}))
     if await loop.run_in_executor(None, go.wait, 300):
         await w.play()
     q.put(("result", idx, {
