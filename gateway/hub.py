@@ -138,6 +138,13 @@ class Hub:
         channel = self.channels.get(ch)
         if channel is None:
             return
+        current = channel.mirror.get(user, meta.conn)
+        if current is not None and current.since != meta.since:
+            # A new life of the conn here (it left and joined again) whose leave this
+            # node never got: a broker gap lost it. Its new meta starts again at seq 1
+            # and clients keep the highest seq for a conn, so without the leave every
+            # member would keep the earlier meta for good.
+            self.on_leave(ch, user, meta.conn, ts, ts)
         channel.mirror.merge(user, meta)
         if not channel.pending.add_join(user, meta, ts):
             # A leave of this conn is pending: it must reach clients before the join.
