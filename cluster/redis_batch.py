@@ -5,7 +5,8 @@ concurrent updates a second opened hundreds of connections per master, and the
 connection churn and per-pipeline slot bookkeeping cost more than the writes. Here
 callers (the Store's writes, the Broker's publications) hand over their commands, each
 with the key that routes it; the commands of every caller of one loop turn are grouped
-by owning master and sent as one non-transactional pipeline per master, the pipelines
+by owning master and sent as one non-transactional pipeline per master (on the write
+path's own connection to it, cluster/node_pipe.py), the pipelines
 running concurrently, one batch in flight at a time (so one caller's commands, and
 successive batches, keep their order).
 
@@ -38,6 +39,7 @@ from typing import Any
 from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 
 from cluster.base import BackendUnavailable
+from cluster.node_pipe import NodePipe
 from cluster.redis_conn import Addr, Topology, as_eval, guarded
 
 Command = tuple[str, tuple[Any, ...]]
@@ -72,6 +74,7 @@ class WriteBatcher:
         self._queue: list[_Item] = []
         self._flusher: asyncio.Task[None] | None = None
         self._closed = False
+        self._pipes: dict[Addr, NodePipe] = {}
         self.redirected: Counter[str] = Counter()
         """Commands sent again, by reason (``MOVED``, ``ASK``, ``TRYAGAIN``,
         ``NOSCRIPT``): a figure for tests and diagnostics."""
@@ -100,6 +103,21 @@ class WriteBatcher:
                 fut.set_exception(BackendUnavailable("redis: closed"))
                 fut.exception()
         self._queue.clear()
+        pipes = list(self._pipes.values())
+        self._pipes.clear()
+        for pipe in pipes:
+            await pipe.close()
+
+    def _pipe(self, addr: Addr) -> NodePipe:
+        """The connection of the write path to ``addr``; a new one when the Topology
+        has replaced that master's client (a refresh dropped it as stale)."""
+        client = self.redis.node_client(addr)
+        pipe = self._pipes.get(addr)
+        if pipe is None or pipe.client is not client:
+            if pipe is not None:
+                asyncio.get_running_loop().create_task(pipe.close())
+            pipe = self._pipes[addr] = NodePipe(client, self.redis.config.socket_timeout)
+        return pipe
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the other writers of this loop turn join in
@@ -154,13 +172,13 @@ class WriteBatcher:
         retry: list[tuple[Exception, _Send]] = []
 
         async def send(addr: Addr, items: list[_Send]) -> None:
-            pipe: Any = self.redis.node_client(addr).pipeline(transaction=False)
+            commands: list[tuple[Any, ...]] = []
             for s in items:
                 if s.asking:
-                    pipe.execute_command("ASKING")
-                pipe.execute_command(*s.args)
+                    commands.append(("ASKING",))
+                commands.append(s.args)
             try:
-                results = await guarded(pipe.execute(raise_on_error=False), self.timeout)
+                results = await guarded(self._pipe(addr).execute(commands), self.timeout)
             except BackendUnavailable as exc:
                 self.redis.refresh_soon()  # the node may be gone (failover)
                 for s in items:
@@ -183,7 +201,11 @@ class WriteBatcher:
                 self.redirected[_reason(res)] += 1
                 retry.append((res, again))
 
-        await asyncio.gather(*(send(a, items) for a, items in groups.items()))
+        if len(groups) == 1:  # most batches: no task to run one send
+            ((addr, items),) = groups.items()
+            await send(addr, items)
+        else:
+            await asyncio.gather(*(send(a, items) for a, items in groups.items()))
         # Keep the batch's order among the commands sent again.
         retry.sort(key=lambda r: (r[1].caller, r[1].index))
         return retry

@@ -108,6 +108,8 @@ class Canary:
     client: PresenceClient
     worst: float = 0.0
     answered: int = 0
+    trips: list[tuple[float, float]] = field(default_factory=list)
+    """(start, round trip) of every ping, ``time.monotonic()`` seconds."""
 
     async def run(self, until: asyncio.Event) -> None:
         while not until.is_set():
@@ -115,9 +117,14 @@ class Canary:
             reply = await self.client.ping()
             assert reply["t"] == "pong"
             self.worst = max(self.worst, time.monotonic() - t0)
+            self.trips.append((t0, time.monotonic() - t0))
             self.answered += 1
             # Well under the per-connection request budget (20/s).
             await asyncio.sleep(0.1)
+
+    def worst_from(self, start: float) -> float:
+        """The worst round trip of the pings sent at ``start`` or later."""
+        return max((rtt for t0, rtt in self.trips if t0 >= start), default=0.0)
 
 
 async def sample_buffer(conn: ServerConnection, until: asyncio.Event) -> int:
@@ -159,14 +166,18 @@ async def test_ping_flood_is_bounded_closed_and_harmless(
         flooder.close()
     print(f"\nflood ({'after' if after_hello else 'before'} hello): sent {flooder.sent} B, "
           f"server buffer max {worst_buffer} B, closed after {closed_after:.2f} s, "
-          f"canary worst {canary.worst * 1000:.1f} ms over {canary.answered} pings")
+          f"canary worst {canary.worst * 1000:.1f} ms over {canary.answered} pings, "
+          f"{canary.worst_from(t0 + 1.0) * 1000:.1f} ms after the first second")
     # Unsent bytes stay near the write limit (one read chunk of pongs past it).
     assert worst_buffer <= gw.settings.transport.max_buffer
     assert flooder.sent > 2 * gw.settings.transport.max_buffer  # the flood did happen
     # Closed by the stall bound (ping_timeout here), not left to the client.
     assert conn.state.name == "CLOSED"
     assert closed_after < PING_TIMEOUT + 3.0
-    assert canary.answered > 0 and canary.worst < 0.5
+    # One slow round trip at the flood's first burst, then not slowed (see the bounds
+    # of test_ping_flood_keeps_a_real_gateways_rss_flat).
+    assert canary.answered > 0 and canary.worst < 1.5
+    assert canary.worst_from(t0 + 1.0) < 0.5
     assert (await canary.client.ping())["t"] == "pong"
 
 
@@ -217,6 +228,7 @@ async def test_ping_flood_keeps_a_real_gateways_rss_flat() -> None:
         base = rss_kb(pid)
         flooders = [await Flooder.open(gw.port), await Flooder.open(gw.port, gw.token("ab"))]
         done = asyncio.Event()
+        start = time.monotonic()
         floods = [asyncio.create_task(f.flood(FLOOD_FOR)) for f in flooders]
         canary_task = asyncio.create_task(canary.run(done))
         peak = base
@@ -228,13 +240,20 @@ async def test_ping_flood_keeps_a_real_gateways_rss_flat() -> None:
         await canary_task
         for f in flooders:
             f.close()
+        steady = canary.worst_from(start + 1.0)
         print(f"\nreal gateway: RSS {base // 1024} MB before, peak {peak // 1024} MB during "
               f"the flood; sent {sum(f.sent for f in flooders) // 1024} KB; cut after "
               f"{', '.join(f'{f.lasted:.1f} s' for f in flooders)}; canary worst "
-              f"{canary.worst * 1000:.1f} ms over {canary.answered} pings")
+              f"{canary.worst * 1000:.1f} ms over {canary.answered} pings, "
+              f"{steady * 1000:.1f} ms after the first second")
         assert peak - base < 30 * 1024
         assert all(f.lasted < FLOOD_FOR - 0.5 for f in flooders)  # cut by the server
-        assert canary.worst < 0.5
+        # The flood's first burst, read before the pongs back up and reading pauses,
+        # costs the canary one slow round trip (0.3-0.7 s on the 2-core machine of
+        # 2026-12-02, with the code of the day the bound was set as with today's);
+        # that is not starvation, which would last until the flooders are cut (4 s).
+        assert canary.worst < 1.5
+        assert steady < 0.5  # once backpressure holds: the canary is not slowed
         await canary.client.close()
     finally:
         await gw.stop()
