@@ -106,19 +106,23 @@ class Canary:
     """A well-behaved client sending protocol pings back to back; records round trips."""
 
     client: PresenceClient
-    worst: float = 0.0
-    answered: int = 0
     trips: list[tuple[float, float]] = field(default_factory=list)
-    """(start, round trip) of every ping, ``time.monotonic()`` seconds."""
+    """(start, round trip) of every ping answered, ``time.monotonic()`` seconds."""
+
+    @property
+    def answered(self) -> int:
+        return len(self.trips)
+
+    @property
+    def worst(self) -> float:
+        return self.worst_from(0.0)
 
     async def run(self, until: asyncio.Event) -> None:
         while not until.is_set():
             t0 = time.monotonic()
             reply = await self.client.ping()
             assert reply["t"] == "pong"
-            self.worst = max(self.worst, time.monotonic() - t0)
             self.trips.append((t0, time.monotonic() - t0))
-            self.answered += 1
             # Well under the per-connection request budget (20/s).
             await asyncio.sleep(0.1)
 

@@ -21,8 +21,8 @@ from gateway.hub import Hub
 from gateway.leases import Leases
 from gateway.metrics import Metrics
 from gateway.repair import GapRepair
-from presence.codec import Format
 from presence.meta import Meta, new_meta
+from tests.fixtures.hub_members import Sink
 from tests.fixtures.servers import GatewayFactory
 
 
@@ -130,27 +130,6 @@ class StaleReadStore(MemoryStore):
         self.reading.set()
         await self.gate.wait()
         return snapshot
-
-
-class Sink:
-    """A hub member that keeps the frames it is sent."""
-
-    def __init__(self, conn: str) -> None:
-        self.conn = conn
-        self.fmt = Format.JSON
-        self.frames: list[str | bytes] = []
-
-    def write_frame(self, data: str | bytes, ch: str | None = None) -> None:
-        self.frames.append(data)
-
-    def buffered(self) -> int:
-        return 0
-
-    def slow_consumer(self) -> None:
-        raise AssertionError("not slow")
-
-    def direct(self, ch: str) -> None:
-        return None
 
 
 async def test_gap_repair_is_serialised_with_live_delivery() -> None:

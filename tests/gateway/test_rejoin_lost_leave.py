@@ -22,36 +22,27 @@ import orjson
 from cluster.memory import MemoryBroker, MemoryStore
 from gateway.hub import Hub
 from gateway.repair import GapRepair
-from presence.codec import Format
 from presence.messages import LeaveMsg, decode_message
 from presence.meta import Meta, new_meta
 from presence.state import ChannelState
+from tests.fixtures.hub_members import Sink
 from tests.fixtures.servers import GatewayFactory
 
 
-class Viewer:
-    """A hub member that applies its frames to a mirror, as a client does."""
+class Viewer(Sink):
+    """A hub member that also applies its diffs to a mirror, as a client does."""
 
     def __init__(self, conn: str, ch: str, seed: dict[str, list[Meta]]) -> None:
-        self.conn = conn
-        self.fmt = Format.JSON
+        super().__init__(conn)
         self.state = ChannelState.from_wire(
             {u: [m.to_wire() for m in ms] for u, ms in seed.items()})
         self.ch = ch
 
     def write_frame(self, data: str | bytes, ch: str | None = None) -> None:
+        super().write_frame(data, ch)
         frame: dict[str, Any] = orjson.loads(data)
         if frame.get("t") == "diff" and frame.get("ch") == self.ch:
             self.state.apply_diff(frame)
-
-    def buffered(self) -> int:
-        return 0
-
-    def slow_consumer(self) -> None:
-        raise AssertionError("not slow")
-
-    def direct(self, ch: str) -> None:
-        return None
 
 
 def lives(old_note: str = "before") -> tuple[Meta, Meta]:
@@ -84,19 +75,12 @@ async def test_an_update_of_the_same_life_is_not_sent_as_a_leave() -> None:
     ch = "team:same"
     first, _again = lives()
     hub = Hub(0, 1 << 20)
-    frames: list[dict[str, Any]] = []
     viewer = Viewer("v1", ch, {"a": [first]})
     hub.add(ch, viewer)
     hub.seed(ch, {"a": [first]})
-    original = viewer.write_frame
-
-    def keep(data: str | bytes, ch: str | None = None) -> None:
-        frames.append(orjson.loads(data))
-        original(data, ch)
-
-    viewer.write_frame = keep  # type: ignore[method-assign]
     hub.on_join(ch, "a", dataclasses.replace(first, note="next", seq=4), 1_500)
     hub.flush_all()
+    frames = [orjson.loads(f) for f in viewer.frames]
     assert len(frames) == 1 and not frames[0].get("leaves")
     assert viewer.state.metas("a")[0].note == "next"
 
