@@ -8,7 +8,9 @@ with the key that routes it; the commands of every caller of one loop turn are g
 by owning master and sent as one non-transactional pipeline per master (on the write
 path's own connection to it, cluster/node_pipe.py), the pipelines
 running concurrently, one batch in flight at a time (so one caller's commands, and
-successive batches, keep their order).
+successive batches, keep their order). Each pipeline's deadline is the pipe's own: at
+most two attempts of the socket timeout each, or of half the batcher's deadline where
+that is shorter.
 
 Replies that name another node are followed, not counted as failures (at most
 :data:`MAX_ROUNDS` rounds per batch):
@@ -116,7 +118,9 @@ class WriteBatcher:
         if pipe is None or pipe.client is not client:
             if pipe is not None:
                 asyncio.get_running_loop().create_task(pipe.close())
-            pipe = self._pipes[addr] = NodePipe(client, self.redis.config.socket_timeout)
+            # Two attempts (cluster/node_pipe.py) fit in the batcher's own deadline.
+            within = min(self.redis.config.socket_timeout, self.timeout / 2)
+            pipe = self._pipes[addr] = NodePipe(client, within)
         return pipe
 
     async def _flush(self) -> None:
@@ -178,7 +182,8 @@ class WriteBatcher:
                     commands.append(("ASKING",))
                 commands.append(s.args)
             try:
-                results = await guarded(self._pipe(addr).execute(commands), self.timeout)
+                # No timer of its own: the pipe bounds each of its two attempts.
+                results = await guarded(self._pipe(addr).execute(commands), None)
             except BackendUnavailable as exc:
                 self.redis.refresh_soon()  # the node may be gone (failover)
                 for s in items:

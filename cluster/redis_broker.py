@@ -2,8 +2,8 @@
 
 Topic ``t`` travels on the pub/sub channel :func:`cluster.keys.topic` ``(t)``, in the
 slot of the channel's keys. Receiving: one :class:`~cluster.redis_subscriber.
-NodeSubscriber` per master that owns a subscribed topic, each with its own reader
-task. When a subscriber loses topics (connection failure, or a ``sunsubscribe`` pushed
+NodeSubscriber` per master that owns a subscribed topic, each reading its own
+connection. When a subscriber loses topics (connection failure, or a ``sunsubscribe`` pushed
 by the server), they become *orphans*; a repair task then re-reads the slot map every
 ``repair_interval`` seconds and re-subscribes each orphan on the master that owns it now
 (the promoted replica after a failover, or the same master once it is back), and calls
@@ -155,8 +155,8 @@ class RedisBroker:
             sub = self._subs.get(addr)
             if sub is None or sub.dead:
                 cfg = self.config
-                sub = NodeSubscriber(addr, self._deliver, self._lost, cfg.socket_timeout,
-                                     cfg.connect_timeout, cfg.op_timeout)
+                sub = NodeSubscriber(addr, self._deliver, self._lost, cfg.connect_timeout,
+                                     cfg.op_timeout)
                 self._subs[addr] = sub
             return sub
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+import hiredis
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
@@ -70,11 +71,14 @@ def parse_nodes(spec: str) -> list[Addr]:
     return out
 
 
-async def guarded(aw: Awaitable[T], timeout: float) -> T:
-    """Await ``aw`` with a deadline; Redis, socket and timeout errors become
+async def guarded(aw: Awaitable[T], timeout: float | None) -> T:
+    """Await ``aw`` with a deadline (none for an awaitable that bounds itself: a timer
+    per call is not free); Redis, socket and timeout errors become
     :class:`BackendUnavailable`. (redis-py's ``RedisClusterException``, raised when no
     startup node answers, is not a ``RedisError``: it is one of these all the same.)"""
     try:
+        if timeout is None:
+            return await aw
         async with asyncio.timeout(timeout):
             return await aw
     except BackendUnavailable:
@@ -88,6 +92,14 @@ def execute(client: Any, *args: Any) -> Awaitable[Any]:
     purpose: redis-py types the two classes' methods differently)."""
     aw: Awaitable[Any] = client.execute_command(*args)
     return aw
+
+
+def pack(args: Sequence[Any]) -> bytes:
+    """One command in RESP, packed by hiredis (for the connections of our own)."""
+    # hiredis' stub types the argument as a one-element tuple; it takes any length.
+    command: Any = tuple(args)
+    packed: bytes = hiredis.pack_command(command)
+    return packed
 
 
 def text(value: Any) -> str:

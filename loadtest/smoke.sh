@@ -4,7 +4,8 @@
 #      monkey-patches with gevent and registers a pytest plugin, so it must not live in
 #      the test venv);
 #   2. the acceptance command with ~100 Locust users for ~15 s;
-#   3. a --quick bench (every measurement, small sizes; results in *.tmp files).
+#   3. a --quick bench (every measurement, small sizes; results in *.tmp files);
+#   4. the Redis connections' micro-benchmark, small.
 # Fails when a step errors or produces no latency samples, never on tight time bounds.
 #
 #   bash loadtest/smoke.sh            (from anywhere; LOAD_VENV overrides the venv path)
@@ -35,5 +36,8 @@ else
     what=(idle propagation fanout peer)
 fi
 timeout 300 "$venv/bin/python" -m loadtest.bench "${what[@]}" --quick
+
+echo "== redis_wire (small)"
+timeout 120 "$venv/bin/python" -m loadtest.redis_wire --runs 1 --trips 300 --messages 2000
 
 echo "== load smoke passed"

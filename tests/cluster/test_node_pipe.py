@@ -105,3 +105,28 @@ async def test_a_frozen_master_fails_the_batch_within_the_socket_timeout_once(
             redis_cluster_control.resume(port)
         (value,) = await link.batch.run([(COUNTER, ("GET", COUNTER))])
         assert value in (b"0", b"1")  # run late at most once, never twice
+
+
+async def test_a_connection_opened_to_a_frozen_master_carries_no_batch(
+    redis_cluster: str, redis_cluster_control: ClusterControl,
+) -> None:
+    """A frozen master's kernel still completes TCP connects. A batch written on such a
+    new connection waits in the master's socket buffer and runs when it wakes, in any
+    order against the batches buffered on the other connections (the chaos run's
+    ``stop_master``: a leave overtaken by an earlier join's retry, a member left in
+    the Store for good). So a new connection proves the master answers before a batch
+    is written: of the three INCRs sent during the freeze, only the first (written on
+    the connection that was open) may run."""
+    config = RedisConfig(cluster=redis_cluster, socket_timeout=0.3, op_timeout=5.0)
+    async for link in open_link(config):
+        assert await link.batch.run([(COUNTER, ("SET", COUNTER, 0))]) == [True]
+        port = link.topology.owner(COUNTER)[1]
+        redis_cluster_control.pause(port)
+        try:
+            for _ in range(3):
+                with pytest.raises(BackendUnavailable):
+                    await link.batch.run([(COUNTER, ("INCR", COUNTER))])
+        finally:
+            redis_cluster_control.resume(port)
+        (value,) = await link.batch.run([(COUNTER, ("GET", COUNTER))])
+        assert value in (b"0", b"1")

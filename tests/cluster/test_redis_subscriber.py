@@ -31,7 +31,7 @@ import redis
 
 from cluster import keys
 from cluster.base import BackendUnavailable
-from cluster.redis_subscriber import NodeSubscriber
+from cluster.redis_subscriber import IDLE_PING, PONG_TIMEOUT, TICK, NodeSubscriber
 from tests.fixtures.redis_cluster import ClusterControl
 
 pytestmark = pytest.mark.redis
@@ -84,7 +84,7 @@ async def received(rec: Recorder, timeout: float = 3.0) -> tuple[str, bytes]:
 
 
 def new_sub(port: int, rec: Recorder) -> NodeSubscriber:
-    return NodeSubscriber(("127.0.0.1", port), rec.on_message, rec.on_lost, 1.0, 1.0, 3.0)
+    return NodeSubscriber(("127.0.0.1", port), rec.on_message, rec.on_lost, 1.0, 3.0)
 
 
 async def test_channels_of_different_slots_subscribe_together(
@@ -190,3 +190,32 @@ async def test_a_subscribe_cancelled_before_its_command_leaves_the_channel_not_h
         assert await received(rec) == (ch, b"after")
     finally:
         await sub.close()
+
+
+async def test_an_idle_connection_lives_on_pongs_and_a_frozen_master_is_found_dead(
+    redis_cluster_control: ClusterControl, master: int
+) -> None:
+    """The watchdog: an idle connection to a live master stays up past the PING time
+    (its pong counts as traffic); a frozen master (SIGSTOP, no RST, no FIN) is reported
+    with all its channels once a PING has gone unanswered."""
+    (ch,) = channels_on(redis_cluster_control, master, 1)
+    rec = Recorder()
+    sub = new_sub(master, rec)
+    try:
+        await sub.subscribe([ch])
+        idle = (IDLE_PING + PONG_TIMEOUT + 1) * TICK  # past the point of a missed pong
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(rec.lost_event.wait(), idle)
+        assert not sub.dead and rec.lost == []
+        replica = redis_cluster_control.replica_of(master)
+        redis_cluster_control.pause(master)
+        redis_cluster_control.pause(replica)  # no failover: the shard only stays down
+        try:
+            await asyncio.wait_for(rec.lost_event.wait(), idle + 2 * TICK)
+        finally:
+            redis_cluster_control.resume(master)
+            redis_cluster_control.resume(replica)
+        assert rec.lost == [frozenset((ch,))] and sub.dead
+    finally:
+        await sub.close()
+        await redis_cluster_control.wait_healthy()
