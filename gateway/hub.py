@@ -57,7 +57,7 @@ class Member(Protocol):
 class Channel:
     """One channel's local members, pending diff and mirror."""
 
-    __slots__ = ("flush_handle", "members", "mirror", "name", "pending", "seeded")
+    __slots__ = ("flush_handle", "members", "mirror", "name", "pending", "seeded", "untold")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -68,6 +68,10 @@ class Channel:
         # nothing (every member is still waiting for its snapshot), so a read is a seed,
         # not a difference to tell anyone.
         self.seeded = False
+        # (user, conn) of the metas the mirror got from a seed rather than from a join
+        # sent to every member: a joiner whose read ran at the same time may lack them,
+        # so the live join of such a meta is still sent.
+        self.untold: set[tuple[str, str]] = set()
         self.flush_handle: asyncio.Handle | None = None
 
 
@@ -132,6 +136,7 @@ class Hub:
         for user, metas in presence.items():
             for meta in metas:
                 channel.mirror.merge(user, meta)
+                channel.untold.add((user, meta.conn))
         channel.seeded = True
 
     def on_join(self, ch: str, user: str, meta: Meta, ts: int) -> None:
@@ -139,6 +144,12 @@ class Hub:
         if channel is None:
             return
         current = channel.mirror.get(user, meta.conn)
+        key = (user, meta.conn)
+        if current == meta and key not in channel.untold:
+            # Every local member has been told this meta already: typically a joiner's
+            # Store read, applied first, held the join that arrives live now.
+            return
+        channel.untold.discard(key)
         if current is not None and current.since != meta.since:
             # A new life of the conn here (it left and joined again) whose leave this
             # node never got: a broker gap lost it. Its new meta starts again at seq 1
@@ -157,6 +168,7 @@ class Hub:
         if channel is None:
             return
         channel.mirror.remove(user, conn)
+        channel.untold.discard((user, conn))
         channel.pending.add_leave(user, conn, last_seen, ts)
         self._schedule(channel)
 
