@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,7 +57,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 
-from cluster.redis_conn import pack
+from cluster.redis_conn import open_transport, pack
 
 
 class _Wire(asyncio.Protocol):
@@ -218,15 +217,9 @@ class NodePipe:
     async def _open(self) -> _Wire:
         """Connect and run the preamble (under the caller's deadline): ``PING``, after
         ``AUTH`` and ``SELECT`` when the client has them."""
-        loop = asyncio.get_running_loop()
         wire = _Wire()
         self._wire = wire
-        async with asyncio.timeout(self._connect_timeout):
-            transport, _ = await loop.create_connection(lambda: wire, *self._addr)
-        wire.attach(transport)
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        wire.attach(await open_transport(self._addr, wire, self._connect_timeout))
         # The PING is not a health check: a frozen master's kernel completes TCP
         # connects, and a batch written on such a connection would wait in its socket
         # buffer and run whenever it wakes, in any order against what other connections

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,19 @@ def execute(client: Any, *args: Any) -> Awaitable[Any]:
     purpose: redis-py types the two classes' methods differently)."""
     aw: Awaitable[Any] = client.execute_command(*args)
     return aw
+
+
+async def open_transport(addr: Addr, protocol: asyncio.Protocol,
+                         timeout: float | None) -> asyncio.Transport:
+    """A TCP connection to ``addr`` driven by ``protocol``, with keepalive on, for the
+    connections of our own (raises ``OSError`` or ``TimeoutError`` after ``timeout``)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        transport, _ = await loop.create_connection(lambda: protocol, *addr)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    return transport
 
 
 def pack(args: Sequence[Any]) -> bytes:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -43,7 +42,7 @@ import hiredis
 
 from cluster import keys
 from cluster.base import BackendUnavailable
-from cluster.redis_conn import Addr, pack
+from cluster.redis_conn import Addr, open_transport, pack
 
 OnMessage = Callable[[str, bytes], None]
 """(pub/sub channel, payload)."""
@@ -184,8 +183,7 @@ class NodeSubscriber:
         loop = asyncio.get_running_loop()
         wire = _Wire(self)
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                transport, _ = await loop.create_connection(lambda: wire, *self.addr)
+            transport = await open_transport(self.addr, wire, self._connect_timeout)
         except (OSError, TimeoutError) as exc:
             error = BackendUnavailable(f"redis: {self.addr}: {type(exc).__name__}: {exc}")
             self._fail(error)
@@ -193,9 +191,6 @@ class NodeSubscriber:
         if self.dead:  # closed while connecting
             transport.abort()
             raise BackendUnavailable(f"redis: subscriber {self.addr} is closed")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._wire, self._transport = wire, transport
         self._watchdog = loop.create_task(self._watch(wire), name=f"redis-sub-{self.addr}")
         return transport
@@ -260,7 +255,7 @@ class NodeSubscriber:
         if transport is not None:
             transport.abort()
         watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None and watchdog is not _current_task():
+        if watchdog is not None and watchdog is not asyncio.current_task():
             watchdog.cancel()
 
     async def close(self) -> None:
@@ -270,7 +265,7 @@ class NodeSubscriber:
         self.dead = True
         watchdog, wire = self._watchdog, self._wire
         self._drop()
-        if watchdog is not None and watchdog is not _current_task():
+        if watchdog is not None and watchdog is not asyncio.current_task():
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
         if wire is not None:
@@ -283,9 +278,3 @@ def _by_slot(channels: Iterable[str]) -> dict[int, list[str]]:
     for c in channels:
         by_slot.setdefault(keys.slot(c), []).append(c)
     return by_slot
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    with contextlib.suppress(RuntimeError):
-        return asyncio.current_task()
-    return None
