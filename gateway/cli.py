@@ -105,6 +105,19 @@ async def _serve(settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(demo_task, 5)
     await gateway.stop()
+    _log_leftovers()
+
+
+def _log_leftovers() -> None:
+    """Name the tasks still running once the gateway has stopped: the loop's teardown
+    cancels and awaits them, and one that does not end keeps the process from exiting
+    until the pod's grace period runs out."""
+    current = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
+    if left:
+        structlog.get_logger("presence.cli").warning(
+            "tasks_left_at_exit", count=len(left),
+            tasks=[f"{t.get_name()}: {t.get_coro()!r}" for t in left[:10]])
 
 
 def raise_fd_limit() -> tuple[int, int, int]:

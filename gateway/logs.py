@@ -6,8 +6,12 @@ and the reason of a failure, never the credential itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import structlog
 
@@ -28,3 +32,17 @@ def configure_logging(level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+
+
+@contextlib.contextmanager
+def timed_step(log: Any, step: str, limit: float) -> Iterator[None]:
+    """Log ``slow_stop_step`` (a warning, with the seconds taken) when the block runs
+    longer than ``limit`` seconds: a shutdown past the pod's grace period is cut by
+    SIGKILL, and this names the step that used the time."""
+    began = time.monotonic()
+    try:
+        yield
+    finally:
+        took = time.monotonic() - began
+        if took > limit:
+            log.warning("slow_stop_step", step=step, seconds=round(took, 2))

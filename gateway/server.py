@@ -22,6 +22,7 @@ from cluster.base import Broker, Store
 from cluster.factory import make_backend
 from gateway.admin_server import AdminSite
 from gateway.keepalive import Keepalive
+from gateway.logs import timed_step
 from gateway.node import Node
 from gateway.session import Session
 from gateway.static_files import SECURITY_HEADERS, static_response
@@ -210,12 +211,14 @@ class Gateway:
             s.abort()
 
     async def stop(self) -> None:
-        await self.drain()
+        with timed_step(log, "drain", self.settings.lifetime.drain_timeout + 0.5):
+            await self.drain()
         if self.autoscaler is not None:
-            with contextlib.suppress(Exception):
+            with timed_step(log, "autoscaler", 1.0), contextlib.suppress(Exception):
                 await self.autoscaler.stop()
         if self.admin_runner is not None:
-            await self.admin_runner.cleanup()
+            with timed_step(log, "admin", 1.0):
+                await self.admin_runner.cleanup()
         await self.node.stop()
         self.stopped.set()
         log.info("stopped", node=self.node.node_id)

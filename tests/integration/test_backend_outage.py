@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 
 import aiohttp
 import pytest
 
 from gateway.client import ClientError
+from gateway.node import STOP_BUDGET
 from tests.fixtures.processes import GatewayProcess, free_port, new_secret
 
 pytestmark = pytest.mark.redis
@@ -115,3 +118,31 @@ async def test_redis_outage_keeps_clients_and_converges(redis_server: RedisServe
             if not start.done():
                 start.cancel()
             await gw.stop()
+
+
+async def test_a_gateway_stopped_while_redis_is_frozen_exits_within_its_budget(
+        redis_server: RedisServer) -> None:
+    """SIGTERM with Redis frozen (SIGSTOP: connections open, nothing answers): the
+    drain gets ``drain_timeout``, the node's stop after it ``STOP_BUDGET``; the process
+    exits cleanly within their sum."""
+    drain = 2.0
+    gw = GatewayProcess("frozen-stop", new_secret(),
+                        {"PRESENCE_LOG_LEVEL": "warning", "PRESENCE_DRAIN_TIMEOUT": str(drain)},
+                        "--redis-url", f"redis://127.0.0.1:{redis_server.port}/0")
+    redis_server.start()
+    await gw.start(timeout=40)
+    assert redis_server.proc is not None
+    try:
+        a = await gw.client("ann")
+        await a.join("team:frozen")
+        await a.update(status="busy")
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        rc = await gw.stop(timeout=30)
+        took = time.monotonic() - began
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+        await gw.stop()
+    assert rc == 0
+    # 2 s of margin for the interpreter's exit on a loaded machine.
+    assert took < drain + STOP_BUDGET + 2.0, (took, "".join(gw.log[-20:]))
