@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from cluster.base import Broker, Store
 from cluster.engagement import EngagementStore, MemoryEngagement
 from cluster.memory import MemoryBroker, MemoryStore
 from presence.settings import Settings
+
+if TYPE_CHECKING:
+    from cluster.redis_conn import RedisConfig
 
 
 def make_backend(settings: Settings) -> tuple[Broker, Store]:
@@ -17,14 +22,10 @@ def make_backend(settings: Settings) -> tuple[Broker, Store]:
     """
     if settings.backend.redis_cluster or settings.backend.redis_url:
         from cluster.redis_broker import RedisBroker
-        from cluster.redis_conn import RedisConfig
         from cluster.redis_link import RedisLink
         from cluster.redis_store import RedisStore
 
-        if settings.backend.redis_cluster:
-            config = RedisConfig(cluster=settings.backend.redis_cluster)
-        else:
-            config = RedisConfig(url=settings.backend.redis_url)
+        config = redis_config(settings)
         link = RedisLink(config)
         return (RedisBroker(config, link=link),
                 RedisStore(config, settings.backend.last_seen_days, link=link))
@@ -37,9 +38,16 @@ def make_engagement(settings: Settings) -> EngagementStore:
     connections)."""
     if settings.backend.redis_cluster or settings.backend.redis_url:
         from cluster.engagement_redis import RedisEngagement
-        from cluster.redis_conn import RedisConfig
 
-        if settings.backend.redis_cluster:
-            return RedisEngagement(RedisConfig(cluster=settings.backend.redis_cluster))
-        return RedisEngagement(RedisConfig(url=settings.backend.redis_url))
+        return RedisEngagement(redis_config(settings))
     return MemoryEngagement()
+
+
+def redis_config(settings: Settings) -> RedisConfig:
+    """Where Redis is and the credentials to use, from the backend settings."""
+    from cluster.redis_conn import RedisConfig
+
+    b = settings.backend
+    # redis_cluster wins over redis_url (make_backend).
+    return RedisConfig(cluster=b.redis_cluster, url="" if b.redis_cluster else b.redis_url,
+                       username=b.redis_username, password=b.redis_password)

@@ -156,7 +156,7 @@ class RedisBroker:
             if sub is None or sub.dead:
                 cfg = self.config
                 sub = NodeSubscriber(addr, self._deliver, self._lost, cfg.connect_timeout,
-                                     cfg.op_timeout)
+                                     cfg.op_timeout, cfg.auth_command())
                 self._subs[addr] = sub
             return sub
 

@@ -18,10 +18,10 @@ import contextlib
 import hashlib
 import socket
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import hiredis
 from redis.asyncio import Redis, RedisCluster
@@ -50,10 +50,28 @@ class RedisConfig:
     """Deadline of one Store/Broker call, retries included."""
     ping_timeout: float = 1.0
     """Deadline of one health check ping."""
+    username: str = ""
+    password: str = field(default="", repr=False)
+    """Credentials every connection to every node sends first (``AUTH``); for ``url``
+    they may be in the URL instead (``redis://user:password@host``). Empty: none."""
 
     def __post_init__(self) -> None:
         if bool(self.cluster) == bool(self.url):
             raise ValueError("exactly one of cluster and url must be set")
+
+    def credentials(self) -> tuple[str, str]:
+        """``(username, password)``: the configured ones, else the URL's; empty if none."""
+        if self.password or not self.url:
+            return self.username, self.password
+        u = urlparse(self.url)
+        return unquote(u.username or ""), unquote(u.password or "")
+
+    def auth_command(self) -> tuple[str, ...]:
+        """The ``AUTH`` command a connection of our own sends first, or ``()``."""
+        user, password = self.credentials()
+        if not password:
+            return ()
+        return ("AUTH", user, password) if user else ("AUTH", password)
 
 
 def parse_nodes(spec: str) -> list[Addr]:
@@ -198,6 +216,7 @@ class Topology:
             "socket_keepalive": True,
             "health_check_interval": 10,
             "retry": _retry(),
+            **self._auth_kwargs(),
         }
         if config.cluster:
             nodes = [ClusterNode(h, p) for h, p in parse_nodes(config.cluster)]
@@ -214,13 +233,24 @@ class Topology:
         return self.cluster is not None
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for a plain client to one node (timeouts, keepalive)."""
+        """Keyword arguments for a plain client to one node (timeouts, keepalive,
+        credentials)."""
         return {
             "socket_timeout": self.config.socket_timeout,
             "socket_connect_timeout": self.config.connect_timeout,
             "socket_keepalive": True,
             "retry": _retry(),
+            **self._auth_kwargs(),
         }
+
+    def _auth_kwargs(self) -> dict[str, str]:
+        # Only the configured ones: a URL's credentials reach Redis.from_url by the URL.
+        if not self.config.password:
+            return {}
+        kw = {"password": self.config.password}
+        if self.config.username:
+            kw["username"] = self.config.username
+        return kw
 
     async def start(self) -> None:
         if self.cluster is not None:

@@ -29,6 +29,10 @@ received (a count, not clock arithmetic: uvloop's clock moves in milliseconds, a
 ticks that late under load must not add up to a dead master by rounding). After
 ``IDLE_PING`` silent ticks it sends a PING; after ``PONG_TIMEOUT`` more the
 connection is dead. TCP keepalive is on.
+
+With credentials configured (``RedisConfig.auth_command``) a new connection sends
+``AUTH`` before anything else; there is no ``SELECT``, since pub/sub channels do not
+belong to a database.
 """
 
 from __future__ import annotations
@@ -99,8 +103,10 @@ class NodeSubscriber:
         on_lost: OnLost,
         connect_timeout: float,
         ack_timeout: float,
+        auth: tuple[str, ...] = (),
     ) -> None:
         self.addr = addr
+        self._auth = pack(auth) if auth else b""
         self.channels: set[str] = set()
         self.dead = False
         self._on_message = on_message
@@ -192,6 +198,10 @@ class NodeSubscriber:
             transport.abort()
             raise BackendUnavailable(f"redis: subscriber {self.addr} is closed")
         self._wire, self._transport = wire, transport
+        if self._auth:
+            # Before any SSUBSCRIBE; a refusal (WRONGPASS, or NOAUTH when none was
+            # configured) is an error reply, which fails the connection with its text.
+            transport.write(self._auth)
         self._watchdog = loop.create_task(self._watch(wire), name=f"redis-sub-{self.addr}")
         return transport
 
@@ -211,6 +221,8 @@ class NodeSubscriber:
     def _handle(self, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
             raise reply  # e.g. MOVED to an SSUBSCRIBE: the broker re-subscribes elsewhere
+        if not isinstance(reply, list):
+            return  # AUTH's +OK
         kind = reply[0]
         if kind == b"smessage":
             channel = reply[1].decode()

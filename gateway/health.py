@@ -37,7 +37,8 @@ async def until_connected(*starts: Callable[[], Awaitable[None]]) -> None:
                 await start()
             return
         except BACKEND_DOWN as exc:
-            log.warning("backend_unavailable_at_start", error=type(exc).__name__,
+            # The error's text names what is wrong (refused, WRONGPASS, NOAUTH, ...).
+            log.warning("backend_unavailable_at_start", error=f"{type(exc).__name__}: {exc}",
                         retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

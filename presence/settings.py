@@ -173,6 +173,9 @@ class BackendSettings:
     backend: str = "memory"
     redis_url: str = ""
     redis_cluster: str = ""
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
+    """Sent by every Redis connection (AUTH); a ``redis_url`` may carry them instead."""
     node_lease: float = 15.0
     # /readyz stays 200 through a backend outage shorter than this (one shard's failover
     # must not take every pod out of the Service).

@@ -9,7 +9,9 @@
 # DIR defaults to /tmp/presence-redis-cluster-BASE. cluster-node-timeout is 2000 ms so
 # that a killed master is replaced within a few seconds (tests rely on it), and a
 # replica always stands for election (cluster-replica-validity-factor 0). "start"
-# returns once every node says cluster_state:ok and every replica has synced.
+# returns once every node says cluster_state:ok and every replica has synced. With
+# REDIS_PASSWORD set, every node requires it (requirepass, and masterauth for the
+# replicas) and this script authenticates with it.
 set -euo pipefail
 
 cmd=${1:-}
@@ -26,21 +28,23 @@ need() {
     fi
 }
 
-cli() { redis-cli -h "$host" -p "$1" "${@:2}" 2>/dev/null; }
+rcli() { redis-cli ${REDIS_PASSWORD:+-a "$REDIS_PASSWORD" --no-auth-warning} "$@"; }
 
-alive() { [ "$(redis-cli -h "$host" -p "$1" ping 2>/dev/null)" = "PONG" ]; }
+cli() { rcli -h "$host" -p "$1" "${@:2}" 2>/dev/null; }
 
-state_ok() { redis-cli -h "$host" -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+alive() { [ "$(rcli -h "$host" -p "$1" ping 2>/dev/null)" = "PONG" ]; }
+
+state_ok() { rcli -h "$host" -p "$1" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
 
 known_nodes() {
-    redis-cli -h "$host" -p "$1" cluster info 2>/dev/null \
+    rcli -h "$host" -p "$1" cluster info 2>/dev/null \
         | sed -n 's/^cluster_known_nodes:\([0-9]*\).*/\1/p'
 }
 
 # A replica must have synced once, or it refuses to fail over (no data age).
 link_ok() {
     local info
-    info=$(redis-cli -h "$host" -p "$1" info replication 2>/dev/null | tr -d '\r')
+    info=$(rcli -h "$host" -p "$1" info replication 2>/dev/null | tr -d '\r')
     grep -q '^role:master' <<<"$info" || grep -q '^master_link_status:up' <<<"$info"
 }
 
@@ -59,6 +63,7 @@ start_node() {
         --cluster-enabled yes --cluster-config-file "$dir/$p/nodes.conf" \
         --cluster-node-timeout 2000 --cluster-replica-validity-factor 0 \
         --appendonly no --save "" \
+        ${REDIS_PASSWORD:+--requirepass "$REDIS_PASSWORD" --masterauth "$REDIS_PASSWORD"} \
         --dir "$dir/$p" --logfile "$dir/$p/redis.log" --pidfile "$dir/$p/redis.pid"
 }
 
@@ -86,7 +91,7 @@ start() {
     if [ "$fresh" = 1 ] || [ "$(known_nodes "${ports[0]}")" = "1" ]; then
         local addrs=()
         for p in "${ports[@]}"; do addrs+=("$host:$p"); done
-        redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
+        rcli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
     fi
     for _ in $(seq 1 300); do
         if all_ok; then
@@ -103,7 +108,7 @@ start() {
 stop() {
     for p in "${ports[@]}"; do
         if alive "$p"; then
-            redis-cli -h "$host" -p "$p" shutdown nosave >/dev/null 2>&1 || true
+            rcli -h "$host" -p "$p" shutdown nosave >/dev/null 2>&1 || true
         fi
     done
     for p in "${ports[@]}"; do
@@ -121,7 +126,7 @@ status() {
     for p in "${ports[@]}"; do
         if alive "$p"; then
             role=$(cli "$p" role | head -1)
-            st=$(redis-cli -h "$host" -p "$p" cluster info 2>/dev/null | sed -n 's/^cluster_state:\(.*\)\r*$/\1/p' | tr -d '\r')
+            st=$(rcli -h "$host" -p "$p" cluster info 2>/dev/null | sed -n 's/^cluster_state:\(.*\)\r*$/\1/p' | tr -d '\r')
             echo "$host:$p $role cluster_state:$st"
         else
             echo "$host:$p down"
