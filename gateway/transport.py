@@ -26,6 +26,10 @@ passed to ``serve(create_connection=...)``) guarantees, for every connection:
 
 The checks cost nothing for a connection that keeps up: the watch timer runs only while
 the transport has paused writing.
+
+A read bigger than :data:`READ_SLICE` is parsed a slice per event-loop turn, reading
+paused meanwhile: a burst of pipelined frames (a ping flood's first read, before any
+backpressure) does not hold the loop for the whole read.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ KEEPALIVE_PING = b"keepalive"
 
 SERVER_LOGGER = logging.getLogger("websockets.server")
 """The logger of every connection (websockets' own, without its per-connection adapter)."""
+
+READ_SLICE = 16 * 1024
+"""Bytes of one read parsed in one loop turn (:meth:`BoundedConnection.data_received`)."""
 
 WRITE_LIMIT = 32 * 1024
 """High-water mark of a connection's write buffer (websockets' default, made explicit):
@@ -104,13 +111,15 @@ class BoundedConnection(ServerConnection):
     # Slots, not instance-dict entries: attributes added to the base class's __dict__
     # after its own grow it out of its shared-key layout, about 1.5 KB a connection
     # (memory per idle connection is a target).
-    __slots__ = ("_watch", "over_since", "overflowed", "ping_due", "ping_sent", "queue_full",
-                 "reading_paused", "stalled_since")
+    __slots__ = ("_unread", "_watch", "over_since", "overflowed", "ping_due", "ping_sent",
+                 "queue_full", "reading_paused", "stalled_since")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue_full = False
         self.reading_paused = False
+        self._unread: memoryview | None = None
+        """What is left of a read being parsed a slice per loop turn (reading paused)."""
         self.stalled_since: float | None = None
         self.over_since: float | None = None
         self.overflowed: str | None = None
@@ -152,6 +161,35 @@ class BoundedConnection(ServerConnection):
         self._disarm()
         super().connection_lost(exc)
 
+    # -- a big read, a slice per loop turn -------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if len(data) <= READ_SLICE:
+            super().data_received(data)
+            return
+        # A read holds up to the loop's buffer (256 KB on uvloop): a burst of pipelined
+        # frames, each ping of a flood answered with a pong. Parsed at once, one such
+        # read held the loop for tens of milliseconds and a flooder's first burst (the
+        # kernel takes megabytes of pongs before the write buffer pauses reading) for
+        # 0.6-0.7 s. A slice per turn, reading paused until the read is used up, lets
+        # every other connection have its turn in between; the bytes keep their order.
+        self._unread = memoryview(data)
+        self._apply_reading()
+        self._next_slice()
+
+    def _next_slice(self) -> None:
+        rest = self._unread
+        if rest is None:
+            return
+        if self.connection_lost_waiter.done():  # reset: nothing can be answered now
+            self._unread = None
+            return
+        self._unread = rest[READ_SLICE:] if len(rest) > READ_SLICE else None
+        super().data_received(bytes(rest[:READ_SLICE]))
+        if self._unread is not None:
+            self.loop.call_soon(self._next_slice)
+        else:
+            self._apply_reading()
+
     # -- reading follows writing ------------------------------------------------------
     def _pause_for_queue(self) -> None:
         self.queue_full = True
@@ -162,7 +200,7 @@ class BoundedConnection(ServerConnection):
         self._apply_reading()
 
     def _apply_reading(self) -> None:
-        want_paused = self.queue_full or self.paused
+        want_paused = self.queue_full or self.paused or self._unread is not None
         if want_paused == self.reading_paused or self.transport.is_closing():
             return
         self.reading_paused = want_paused
