@@ -36,12 +36,16 @@ printed, the raw profile is kept in ``loadtest/results/profile-*.txt.tmp``. The
 profiled run's figures are not counted.
 
 Writes ``loadtest/results/bench.json`` (every run's figures, their median/min/max, the
-rows; merged with the results of measurements not run this time) and PNG plots to
-``loadtest/results/``. ``--write-docs`` rewrites the generated section of
-``docs/benchmarks.md`` (between ``<!-- bench:begin -->`` and ``<!-- bench:end -->``)
-with this invocation's table, command line, machine and time. ``--quick`` shrinks every
-size for a CI smoke run (its files end in ``.tmp``). Exit status 1 when a run failed or
-produced no latency samples; targets missed only print.
+rows, and the command and time that measured them; merged with the results of
+measurements not run this time) and PNG plots to ``loadtest/results/``. With
+``LOADTEST_GATEWAY_CMD`` set (the gateway of another checkout, for comparisons) they
+go to ``bench-other.json.tmp`` and ``*.png.tmp`` instead, and ``--write-docs`` is
+refused: the committed record holds this checkout's figures only. ``--write-docs``
+rewrites the generated section of ``docs/benchmarks.md`` (between
+``<!-- bench:begin -->`` and ``<!-- bench:end -->``) with this invocation's table,
+command line, machine and time. ``--quick`` shrinks every size for a CI smoke run (its
+files end in ``.tmp``). Exit status 1 when a run failed or produced no latency samples;
+targets missed only print.
 """
 
 from __future__ import annotations
@@ -260,7 +264,10 @@ def save(args: argparse.Namespace, doc: dict[str, Any], results: dict[str, Any])
             previous = json.loads(args.output.read_text()).get("results", {})
         except (OSError, ValueError):
             previous = {}
-    merged = {**previous, **strip_samples(results)}
+    # Each measurement says which invocation measured it: a merged file holds several.
+    stamped = {name: {**entry, "command": doc["command"], "generated_at": doc["generated_at"]}
+               for name, entry in strip_samples(results).items()}
+    merged = {**previous, **stamped}
     args.output.write_text(json.dumps({**doc, "results": merged}, indent=2) + "\n")
     # Raw latency samples stay out of bench.json; a side file (ignored by git) keeps
     # those of the run nearest the median so that the plots can show measurements of
@@ -279,8 +286,9 @@ def save(args: argparse.Namespace, doc: dict[str, Any], results: dict[str, Any])
         with_samples = {**merged, **old, **with_samples}
         samples_path.write_text(json.dumps(with_samples))
     if not args.no_plots:
+        scratch = args.output.name.endswith(".tmp")
         for path in plots.draw(with_samples, RESULTS,
-                               suffix=".png.tmp" if args.quick else ".png"):
+                               suffix=".png.tmp" if scratch else ".png"):
             print(f"plot: {path}")
 
 
@@ -313,8 +321,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.write_docs == DOCS and args.quick:
         parser.error(f"--write-docs with --quick would put smoke sizes into "
                      f"{DOCS.relative_to(ROOT)} (give another FILE)")
+    other = bool(os.environ.get("LOADTEST_GATEWAY_CMD"))  # another checkout's gateway
+    if other and args.write_docs == DOCS:
+        parser.error(f"--write-docs with LOADTEST_GATEWAY_CMD would put another gateway's "
+                     f"figures into {DOCS.relative_to(ROOT)} (give another FILE)")
     if args.output is None:
-        args.output = RESULTS / ("bench-quick.json.tmp" if args.quick else "bench.json")
+        # Only this checkout's full-size figures go into the committed bench.json.
+        args.output = RESULTS / ("bench-quick.json.tmp" if args.quick
+                                 else "bench-other.json.tmp" if other else "bench.json")
     return args
 
 

@@ -43,3 +43,15 @@ def test_the_docs_have_the_markers() -> None:
     text = (bench.ROOT / "docs" / "benchmarks.md").read_text()
     assert text.count(bench.BEGIN) == 1 and text.count(bench.END) == 1
     assert text.index(bench.BEGIN) < text.index(bench.END)
+
+
+def test_another_gateways_figures_stay_out_of_the_record(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A comparison run (LOADTEST_GATEWAY_CMD: another checkout's gateway) writes a
+    scratch file and may not rewrite the docs: once, such runs merged the old code's
+    figures into the committed bench.json under the docs' table."""
+    assert bench.parse(["cluster"]).output.name == "bench.json"
+    monkeypatch.setenv("LOADTEST_GATEWAY_CMD", "python -m gateway.cli")
+    assert bench.parse(["cluster"]).output.name == "bench-other.json.tmp"
+    with pytest.raises(SystemExit):
+        bench.parse(["all", "--write-docs"])
