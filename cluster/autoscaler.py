@@ -15,7 +15,6 @@ this module does not import the gateway.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import os
 from collections import deque
@@ -27,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from cluster.tasks import cancel_until_done
 from presence.autoscale import Decision, LoadSnapshot, PolicyState, decide
 from presence.settings import AutoscaleSettings
 
@@ -133,12 +133,11 @@ class Autoscaler:
             self._task = asyncio.create_task(self._run(), name="autoscaler")
 
     async def stop(self) -> None:
-        """Stop the loop and wait for it to end."""
+        """Stop the loop and wait for it to end (a cancel of the caller still goes
+        through)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_until_done(task)
 
 
 class StatsSource(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import resource
 import secrets
 import signal
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 import structlog
 import uvloop
 
+from cluster.tasks import cancel_until_done
 from gateway.auth import ROLES, TIERS, mint_token
 from gateway.config import load_settings
 from gateway.logs import configure_logging
@@ -86,7 +88,16 @@ async def _serve(settings: Settings) -> None:
         await gateway.stop()
         return
     stopping.cancel()
-    starting.result()
+    try:
+        starting.result()
+    except BaseException:
+        # A start that failed half-way (a port already taken, say) has started the node's
+        # duties and the autoscaler: stop them here, or the loop's teardown, which cancels
+        # what is left, waited on them for good and the process never exited.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(gateway.stop(), 10)
+        await _end_leftovers()
+        raise
     demo_task = None
     if settings.demo:
         from gateway.demo import run_demo
@@ -105,19 +116,28 @@ async def _serve(settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(demo_task, 5)
     await gateway.stop()
-    _log_leftovers()
+    await _end_leftovers()
 
 
-def _log_leftovers() -> None:
-    """Name the tasks still running once the gateway has stopped: the loop's teardown
-    cancels and awaits them, and one that does not end keeps the process from exiting
-    until the pod's grace period runs out."""
+async def _end_leftovers() -> None:
+    """End the tasks still running once the gateway has stopped, or exit without them.
+
+    The loop's teardown cancels what is left once and then waits for it without a
+    bound: a task whose cancel was swallowed kept the process alive for good (a start
+    that failed on a taken port, on the cluster backend). Each is cancelled until it
+    ends, for about 2 s; those that do not are logged (``tasks_left_at_exit``) and the
+    process exits at once with status 1.
+    """
     current = asyncio.current_task()
     left = [t for t in asyncio.all_tasks() if t is not current and not t.done()]
-    if left:
+    ended = await asyncio.gather(*(cancel_until_done(t) for t in left))
+    stuck = [t for t, done in zip(left, ended, strict=True) if not done]
+    if stuck:
         structlog.get_logger("presence.cli").warning(
-            "tasks_left_at_exit", count=len(left),
-            tasks=[f"{t.get_name()}: {t.get_coro()!r}" for t in left[:10]])
+            "tasks_left_at_exit", count=len(stuck),
+            tasks=[f"{t.get_name()}: {t.get_coro()!r}" for t in stuck[:10]])
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def raise_fd_limit() -> tuple[int, int, int]:

@@ -61,6 +61,7 @@ log = structlog.get_logger("presence.node")
 STOP_BUDGET = 3.0
 """Seconds the node's stop may take after the drain: the pod's grace period is the
 preStop delay + ``drain_timeout`` + this + the interpreter's exit (config/k8s)."""
+
 T = TypeVar("T")
 
 
@@ -168,9 +169,8 @@ class Node:
             ("duties", duties), ("repair", self.repair.close),
             ("leases", self.leases.close), ("subscriptions", self.subscriptions.close),
             ("writes", self.writes.close), ("lease_release", self.leases.release),
-            ("feed", lambda: asyncio.wait_for(self.feed.flush(), 1.0)),
-            ("engagement", self.engagement.close),
-            ("webhooks", lambda: self.webhooks.close(1.0)),
+            ("feed", lambda: asyncio.wait_for(self.feed.flush(), 2.0)),
+            ("engagement", self.engagement.close), ("webhooks", self.webhooks.close),
             ("broker", self.broker.close), ("store", self.store.close))
         for i, (name, close) in enumerate(steps):
             budget = asyncio.timeout_at(deadline)
