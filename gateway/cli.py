@@ -86,6 +86,7 @@ async def _serve(settings: Settings) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await starting
         await gateway.stop()
+        await _end_leftovers()
         return
     stopping.cancel()
     try:
