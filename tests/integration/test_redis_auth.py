@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.fixtures.processes import GatewayProcess, free_port, new_secret
-from tests.fixtures.redis_cluster import AUTH_PASSWORD, INSTALL_HINT, ClusterControl
+from tests.fixtures.processes import GatewayProcess, new_secret
+from tests.fixtures.redis_cluster import AUTH_PASSWORD, ClusterControl, plain_redis
 
 pytestmark = pytest.mark.redis
 
@@ -30,20 +27,8 @@ ENV = {"PRESENCE_LOG_LEVEL": "warning", "PRESENCE_COALESCE_MS": "5"}
 @pytest.fixture
 def single_with_password() -> Iterator[int]:
     """One plain redis-server with ``requirepass``; yields its port."""
-    if shutil.which("redis-server") is None:
-        pytest.skip(INSTALL_HINT)
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="presence-redis-auth-")
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", workdir, "--requirepass", AUTH_PASSWORD],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with plain_redis(AUTH_PASSWORD) as port:
         yield port
-    finally:
-        proc.kill()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def busy(event: dict[str, Any], user: str) -> bool:
