@@ -69,9 +69,13 @@ class Written(list[str]):
     changed (a first member arrived: ``channel.occupied``; or the last one left:
     ``channel.vacated``)."""
 
-    def __init__(self, channels: Iterable[str] = (), changed: Iterable[str] = ()) -> None:
+    def __init__(self, channels: Iterable[str] = (), changed: Iterable[str] = (),
+                 published: bool = False) -> None:
         super().__init__(channels)
         self.changed = list(changed)
+        self.published = published
+        """True when the write itself published the joins it was given (one per channel
+        written): :meth:`Store.put_metas` with ``joins`` on a store that can."""
 
 
 RESUMED_ELSEWHERE = -1
@@ -178,13 +182,20 @@ class Store(Protocol):
         ...
 
     # -- presence metas ----------------------------------------------------------
-    async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> Written:
+    async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta],
+                        joins: Mapping[str, bytes] | None = None) -> Written:
         """Store ``conn``'s meta in each channel of ``metas`` (channel -> meta), replacing
         what was there; the user's index then shows the last of them for ``conn``.
         A channel entry owned by another node (the connection was resumed there) is
         left alone: returns the channels written, ``changed`` those that had no
-        member before (decided atomically: one writer sees it)."""
+        member before (decided atomically: one writer sees it).
+
+        ``joins`` (channel -> broker payload, for every channel of ``metas``): a store
+        that shares its backend with the Broker publishes ``joins[ch]`` on topic ``ch``
+        with each write that happened, in the same step (the Redis store: from the
+        write's script), and sets ``published``; one that cannot ignores them and the
+        caller publishes the channels written. A write retried after a lost reply may
+        publish its join twice, which is harmless (the same meta replaces itself)."""
         ...
 
     async def remove_metas(

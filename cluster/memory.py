@@ -218,8 +218,10 @@ class MemoryStore:
         return Adopted(conn, channels)
 
     # -- metas -------------------------------------------------------------------
-    async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> Written:
+    async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta],
+                        joins: Mapping[str, bytes] | None = None) -> Written:
+        # ``joins`` ignored: this store and the MemoryBroker are separate objects, the
+        # caller publishes (``published`` stays False).
         if self._foreign(node, conn):
             return Written()
         owned = self._node_metas.setdefault(node, set())

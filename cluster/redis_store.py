@@ -230,8 +230,8 @@ class RedisStore:
         return Adopted(conn, out)
 
     # -- metas -------------------------------------------------------------------
-    async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> Written:
+    async def put_metas(self, node: str, user: str, conn: str, metas: Mapping[str, Meta],
+                        joins: Mapping[str, bytes] | None = None) -> Written:
         if not metas:
             return Written()
         async with self._exclusive(node, user, conn):
@@ -250,8 +250,11 @@ class RedisStore:
             channels = list(metas)
             for ch, meta in metas.items():
                 key = keys.channel_metas(ch)
-                writes.append((key, META_PUT.call(
-                    [key], [field, node, pack([user, node, meta.to_wire()])])))
+                args = [field, node, pack([user, node, meta.to_wire()])]
+                if joins is not None:
+                    # The Broker's topic of ch (cluster/redis_broker.py): same slot.
+                    args += [keys.topic(ch), joins[ch]]
+                writes.append((key, META_PUT.call([key], args)))
             last = list(metas.values())[-1]
             user_keys = [keys.user_conns(user), keys.user_index(user),
                          keys.user_channels(user, conn)]
@@ -259,7 +262,8 @@ class RedisStore:
                 user_keys, [conn, node, pack(last.to_wire()), *channels])))
             done = [int(r) for r in await self._run(writes)]
             return Written((ch for ch, r in zip(channels, done, strict=False) if r > 0),
-                           (ch for ch, r in zip(channels, done, strict=False) if r == 2))
+                           (ch for ch, r in zip(channels, done, strict=False) if r == 2),
+                           published=joins is not None)
 
     async def remove_metas(
         self, node: str, user: str, conn: str, channels: Sequence[str], now: int, last: bool

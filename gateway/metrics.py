@@ -113,6 +113,11 @@ class Metrics:
         # delivery's CPU.
         self.broker_in = self.broker_messages.labels("in")
         self.broker_out = self.broker_messages.labels("out")
+        self.store_published = Counter(
+            "presence_store_published_total",
+            "Of the broker messages out, those a Store write published itself (the joins "
+            "of the Redis store's meta writes, sent from its script)", registry=r,
+        )
         self.desired_replicas = Gauge(
             "presence_autoscaler_desired_replicas", "Replicas the autoscaling policy asks for",
             registry=r,

@@ -172,6 +172,27 @@ async def test_close_is_idempotent(backend: Backend) -> None:
     await b.close()
 
 
+
+async def test_joins_given_to_a_write_arrive_once_whoever_publishes_them(
+        backend: Backend) -> None:
+    """A store that publishes the joins of its writes (Redis: from the write's script)
+    says so with ``published``; one that does not leaves them to the caller. Either
+    way each member of the channel receives the join exactly once."""
+    b, inbox = await backend.broker()
+    s = await backend.store()
+    await b.subscribe("team:joins")
+    join = b"join-of-c1"
+    written = await s.put_metas("n1", "u1", "c1", {"team:joins": meta("c1")},
+                                {"team:joins": join})
+    assert list(written) == ["team:joins"]
+    assert written.published == (backend.kind != "memory")
+    if not written.published:
+        await b.publish([("team:joins", join)])
+    await b.publish([("team:joins", b"marker")])
+    await inbox.until(lambda: b"marker" in inbox.of("team:joins"))
+    assert inbox.of("team:joins") == [join, b"marker"]
+
+
 # -- Store: metas ------------------------------------------------------------------
 async def test_put_and_remove_metas(backend: Backend) -> None:
     s = await backend.store()

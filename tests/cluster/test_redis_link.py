@@ -60,3 +60,53 @@ async def test_either_may_close_first_and_the_other_goes_on(redis_cluster: str,
     # The last one out closed the shared write path.
     with pytest.raises(BackendUnavailable):
         await link.batch.run([("k", ("GET", "k"))])
+
+
+@pytest.mark.parametrize("backend", ["redis-cluster", "redis-single"])
+async def test_a_write_given_joins_publishes_each_one_it_made_and_none_it_refused(
+        request: pytest.FixtureRequest, backend: str) -> None:
+    """The joins ride in the write's own script (one round trip): every channel written
+    gets exactly its join on the Broker's topic, a channel whose entry is another node's
+    gets none, and ``published`` tells the caller not to publish them again."""
+    from tests.cluster.conftest import flush
+
+    config = (RedisConfig(cluster=request.getfixturevalue("redis_cluster"))
+              if backend == "redis-cluster"
+              else RedisConfig(url=request.getfixturevalue("redis_single")))
+    flush(config)
+    link = RedisLink(config)
+    store = RedisStore(config, link=link)
+    broker = RedisBroker(config, link=link)
+    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    async def on_gap(_topics: list[str]) -> None:
+        return None
+
+    await store.start()
+    await broker.start(lambda topic, payload: got.put_nowait((topic, payload)), on_gap)
+    channels = [f"team:pub-{i}" for i in range(6)]  # several slots, so several masters
+    try:
+        for ch in channels:
+            await broker.subscribe(ch)
+        joins = {ch: encode_join("u1", meta("c1", ch), 7) for ch in channels}
+        written = await store.put_metas("node-a", "u1", "c1",
+                                        {ch: meta("c1", ch) for ch in channels}, joins)
+        assert written.published and sorted(written) == channels
+        arrived = dict([await asyncio.wait_for(got.get(), 5) for _ in channels])
+        assert arrived == joins
+        # node-b writing the same entries (node-a's) writes nothing, so publishes nothing:
+        # a marker published after it on the same topic is the next message there.
+        refused = await store.put_metas("node-b", "u1", "c1", {channels[0]: meta("c1", "x")},
+                                        {channels[0]: encode_join("u1", meta("c1", "x"), 8)})
+        assert list(refused) == []
+        marker = encode_join("u9", meta("c9", "marker"), 9)
+        await broker.publish([(channels[0], marker)])
+        assert await asyncio.wait_for(got.get(), 5) == (channels[0], marker)
+        # Without joins the write publishes nothing and says so.
+        plain = await store.put_metas("node-a", "u1", "c1", {channels[1]: meta("c1", "y")})
+        assert list(plain) == [channels[1]] and not plain.published
+        await broker.publish([(channels[1], marker)])
+        assert await asyncio.wait_for(got.get(), 5) == (channels[1], marker)
+    finally:
+        await store.close()
+        await broker.close()

@@ -60,11 +60,12 @@ class FlakyStore(MemoryStore):
         return await super().remove_metas(node, user, conn, channels, now, last)
 
     async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> list[str]:
+                        metas: Mapping[str, Meta],
+                        joins: Mapping[str, bytes] | None = None) -> list[str]:
         if self.fail_puts > 0:
             self.fail_puts -= 1
             raise BackendUnavailable("injected: put failed")
-        return await super().put_metas(node, user, conn, metas)
+        return await super().put_metas(node, user, conn, metas, joins)
 
 
 async def test_every_joiner_waits_for_the_subscription_which_is_retried(

@@ -31,11 +31,13 @@ class GatedStore(MemoryStore):
             self.removed.set()
 
     async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> object:  # type: ignore[override]
+                        metas: Mapping[str, Meta],
+                        joins: Mapping[str, bytes] | None = None,
+                        ) -> object:  # type: ignore[override]
         if self.gated:
             self.waiting.set()
             await self.gate.wait()
-        return await super().put_metas(node, user, conn, metas)
+        return await super().put_metas(node, user, conn, metas, joins)
 
 
 async def test_a_reassertion_in_flight_never_outlives_the_close(
@@ -72,12 +74,14 @@ class NoteGatedStore(MemoryStore):
         self.wrote = asyncio.Event()
 
     async def put_metas(self, node: str, user: str, conn: str,
-                        metas: Mapping[str, Meta]) -> object:  # type: ignore[override]
+                        metas: Mapping[str, Meta],
+                        joins: Mapping[str, bytes] | None = None,
+                        ) -> object:  # type: ignore[override]
         notes = [m.note for m in metas.values()]
         if self.armed and self.held in notes:
             self.waiting.set()
             await self.gate.wait()
-        done = await super().put_metas(node, user, conn, metas)
+        done = await super().put_metas(node, user, conn, metas, joins)
         self.written += notes
         self.wrote.set()
         return done
