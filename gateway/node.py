@@ -30,6 +30,7 @@ import structlog
 from cluster.base import Adopted, Broker, Store
 from cluster.engagement import EngagementStore
 from cluster.factory import make_engagement
+from cluster.tasks import cancel_until_done
 from gateway import reads
 from gateway.auth import Authenticator
 from gateway.delivery import deliver
@@ -157,12 +158,13 @@ class Node:
         for correctness: a lease not released lapses and a survivor sweeps it."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOP_BUDGET
-        for task in self._tasks:
-            task.cancel()
         tasks, self._tasks = self._tasks, []
 
         async def duties() -> None:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Cancelled again until each ends: a cancel swallowed on its way out of a
+            # backend read would otherwise hold this step, and every step after it, to
+            # the budget's end.
+            await asyncio.gather(*(cancel_until_done(t) for t in tasks))
 
         self.holds.close()
         steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (

@@ -319,3 +319,36 @@ async def test_joiners_reading_a_new_channel_at_once_tell_nobody_a_difference() 
     assert first.frames == [] and second.frames == []
     mirror = hub.mirror(ch)
     assert mirror is not None and sorted(mirror.users()) == [f"u{i}" for i in range(5)]
+
+
+async def test_a_duty_that_swallows_its_cancel_does_not_hold_the_stop(
+        gateway_factory: GatewayFactory) -> None:
+    """A duty that lets one cancel go by (as one did on its way out of a Redis read) is
+    cancelled again: the node's stop finishes its steps, the Store's close included,
+    instead of waiting out its budget on the duties and skipping the rest."""
+    store = ClosingStore()
+    gw = await gateway_factory(broker=MemoryBroker(), store=store)
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed.is_set():
+                    raise
+                swallowed.set()  # once, and back to its loop
+
+    gw.gateway.node.run_duty(stubborn())
+    await asyncio.wait_for(gw.gateway.stop(), 10)
+    assert swallowed.is_set() and store.closed
+
+
+class ClosingStore(MemoryStore):
+    """Records that it was closed (the node's last stop step)."""
+
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+        await super().close()
