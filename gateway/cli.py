@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import resource
 import secrets
@@ -156,6 +157,17 @@ def raise_fd_limit() -> tuple[int, int, int]:
     return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard
 
 
+def tune_gc(thresholds: tuple[int, int, int]) -> int:
+    """Collect once, freeze what survives (the modules, classes and settings a process
+    keeps for its whole life: no collection scans them again), then set the cyclic
+    collector's ``thresholds``; returns the number of objects frozen. Called once,
+    before serving: anything still alive at this point lives as long as the process."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*thresholds)
+    return gc.get_freeze_count()
+
+
 def _dev_secret(settings: Settings) -> Settings:
     """With no secret configured, make one up and print a token to try the server."""
     if settings.auth.jwt_secret or settings.auth.jwt_algorithm != "HS256":
@@ -188,9 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     before, after, hard = raise_fd_limit()
     # The server lowers its connection cap below max_connections when even this limit
     # cannot hold them (gateway/server.py, connection_cap), and logs that too.
-    structlog.get_logger("presence.cli").info(
-        "fd_limit", soft_before=before, soft=after, hard=hard,
-        max_connections=settings.transport.max_connections)
+    log = structlog.get_logger("presence.cli")
+    log.info("fd_limit", soft_before=before, soft=after, hard=hard,
+             max_connections=settings.transport.max_connections)
+    log.info("gc_tuned", frozen=tune_gc(settings.gc_thresholds),
+             thresholds=list(settings.gc_thresholds))
     uvloop.run(_serve(settings))
     return 0
 

@@ -335,3 +335,15 @@ def test_bad_webhook_entries_name_the_setting(tmp_path: Path, entry: str, messag
 @pytest.mark.parametrize("text", ['webhooks = "http://h/"', "webhooks = [1]"])
 def test_webhooks_must_be_a_list_of_tables(tmp_path: Path, text: str) -> None:
     assert "webhooks" in settings_error(config_file=write(tmp_path, text), env={})
+
+
+def test_gc_thresholds_from_env_and_file_and_refused_when_they_would_stop_collection(
+        tmp_path: Path) -> None:
+    assert load_settings(env={}).gc_thresholds == (50_000, 20, 100)
+    env = load_settings(env={"PRESENCE_GC_THRESHOLDS": "10000,10,50"})
+    assert env.gc_thresholds == (10_000, 10, 50)
+    cfg = write(tmp_path, "gc_thresholds = [700, 10, 10]\n")
+    assert load_settings(cfg, env={}).gc_thresholds == (700, 10, 10)
+    for bad in ("0,10,10", "1000,10", "1000,ten,10", "1000,10,10,10"):
+        with pytest.raises(SettingsError, match="gc_thresholds"):
+            load_settings(env={"PRESENCE_GC_THRESHOLDS": bad})
