@@ -26,6 +26,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CLUSTER_SCRIPT = ROOT / "config" / "redis-cluster" / "cluster.sh"
 
 
+def tune_client_gc() -> None:
+    """Give a client worker process the gateway's garbage-collector settings (frozen
+    start-up objects, ``gc_thresholds``' default): a worker holding thousands of
+    connections otherwise spent more CPU per connect in full collections than on the
+    connect, on the cores the gateway shares (docs/benchmarks.md "Method notes")."""
+    from gateway.cli import tune_gc
+    from presence.settings import Settings
+
+    tune_gc(Settings().gc_thresholds)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

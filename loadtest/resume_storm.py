@@ -196,6 +196,7 @@ async def _worker(conn: Connection, spec: dict[str, Any]) -> None:
 
 def worker_main(conn: Connection, spec: dict[str, Any]) -> None:
     raise_nofile()
+    procs.tune_client_gc()
     try:
         import uvloop
     except ImportError:

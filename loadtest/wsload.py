@@ -30,6 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from loadtest.procs import tune_client_gc
+
 STATUSES = ("online", "away", "busy")
 
 
@@ -390,6 +392,7 @@ async def _worker_async(idx: int, job: Job, q: Any, start: Any, go: Any, stop: A
 
 
 def worker_main(idx: int, job: Job, q: Any, start: Any, go: Any, stop: Any) -> None:
+    tune_client_gc()
     try:
         import uvloop
     except ImportError:
