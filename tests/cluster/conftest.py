@@ -33,3 +33,14 @@ def backend_config(request: pytest.FixtureRequest) -> tuple[str, RedisConfig | N
     if config is not None:
         flush(config)
     return request.param, config
+
+
+@pytest.fixture(params=["redis-cluster", "redis-single"])
+def redis_config(request: pytest.FixtureRequest) -> RedisConfig:
+    """A Redis config for the cluster and for a plain Redis in turn, emptied first."""
+    if request.param == "redis-cluster":
+        cfg = RedisConfig(cluster=request.getfixturevalue("redis_cluster"))
+    else:
+        cfg = RedisConfig(url=request.getfixturevalue("redis_single"))
+    flush(cfg)
+    return cfg

@@ -5,6 +5,9 @@ receiving through it; the last one out closes it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -24,10 +27,21 @@ def meta(conn: str, note: str) -> Meta:
                            "online_at": 1, "since": 1, "seq": 1})
 
 
-@pytest.mark.parametrize("first", ["store", "broker"])
-async def test_either_may_close_first_and_the_other_goes_on(redis_cluster: str,
-                                                            first: str) -> None:
-    config = RedisConfig(cluster=redis_cluster)
+@dataclass
+class Linked:
+    """A Store and a Broker on one Redis link, as the factory makes them, started; what
+    the Broker delivers goes to ``got``."""
+
+    link: RedisLink
+    store: RedisStore
+    broker: RedisBroker
+    got: asyncio.Queue[tuple[str, bytes]]
+
+
+@contextlib.asynccontextmanager
+async def linked(config: RedisConfig) -> AsyncIterator[Linked]:
+    """Start a :class:`Linked` pair; both are closed at the end (closing is idempotent,
+    a test may close one of them itself)."""
     link = RedisLink(config)
     store = RedisStore(config, link=link)
     broker = RedisBroker(config, link=link)
@@ -39,6 +53,17 @@ async def test_either_may_close_first_and_the_other_goes_on(redis_cluster: str,
     await store.start()
     await broker.start(lambda topic, payload: got.put_nowait((topic, payload)), on_gap)
     try:
+        yield Linked(link, store, broker, got)
+    finally:
+        await store.close()
+        await broker.close()
+
+
+@pytest.mark.parametrize("first", ["store", "broker"])
+async def test_either_may_close_first_and_the_other_goes_on(redis_cluster: str,
+                                                            first: str) -> None:
+    async with linked(RedisConfig(cluster=redis_cluster)) as pair:
+        link, store, broker, got = pair.link, pair.store, pair.broker, pair.got
         assert store.redis is broker.redis  # one slot map, one client per master
         await broker.subscribe("team:link")
         if first == "store":
@@ -54,38 +79,19 @@ async def test_either_may_close_first_and_the_other_goes_on(redis_cluster: str,
             assert list(written) == ["team:link"]
             presence = await store.channel_presence("team:link")
             assert [m.note for m in presence["u1"]] == ["b"]
-    finally:
-        await store.close()
-        await broker.close()
     # The last one out closed the shared write path.
     with pytest.raises(BackendUnavailable):
         await link.batch.run([("k", ("GET", "k"))])
 
 
-@pytest.mark.parametrize("backend", ["redis-cluster", "redis-single"])
 async def test_a_write_given_joins_publishes_each_one_it_made_and_none_it_refused(
-        request: pytest.FixtureRequest, backend: str) -> None:
+        redis_config: RedisConfig) -> None:
     """The joins ride in the write's own script (one round trip): every channel written
     gets exactly its join on the Broker's topic, a channel whose entry is another node's
     gets none, and ``published`` tells the caller not to publish them again."""
-    from tests.cluster.conftest import flush
-
-    config = (RedisConfig(cluster=request.getfixturevalue("redis_cluster"))
-              if backend == "redis-cluster"
-              else RedisConfig(url=request.getfixturevalue("redis_single")))
-    flush(config)
-    link = RedisLink(config)
-    store = RedisStore(config, link=link)
-    broker = RedisBroker(config, link=link)
-    got: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-
-    async def on_gap(_topics: list[str]) -> None:
-        return None
-
-    await store.start()
-    await broker.start(lambda topic, payload: got.put_nowait((topic, payload)), on_gap)
-    channels = [f"team:pub-{i}" for i in range(6)]  # several slots, so several masters
-    try:
+    async with linked(redis_config) as pair:
+        store, broker, got = pair.store, pair.broker, pair.got
+        channels = [f"team:pub-{i}" for i in range(6)]  # several slots: several masters
         for ch in channels:
             await broker.subscribe(ch)
         joins = {ch: encode_join("u1", meta("c1", ch), 7) for ch in channels}
@@ -107,6 +113,3 @@ async def test_a_write_given_joins_publishes_each_one_it_made_and_none_it_refuse
         assert list(plain) == [channels[1]] and not plain.published
         await broker.publish([(channels[1], marker)])
         assert await asyncio.wait_for(got.get(), 5) == (channels[1], marker)
-    finally:
-        await store.close()
-        await broker.close()

@@ -17,20 +17,8 @@ from presence.meta import Meta
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(params=["redis-cluster", "redis-single"])
-def config(request: pytest.FixtureRequest) -> RedisConfig:
-    from tests.cluster.conftest import flush
-
-    if request.param == "redis-cluster":
-        cfg = RedisConfig(cluster=request.getfixturevalue("redis_cluster"))
-    else:
-        cfg = RedisConfig(url=request.getfixturevalue("redis_single"))
-    flush(cfg)
-    return cfg
-
-
-async def test_lost_ownership_is_rewritten_by_the_lease_refresh(config: RedisConfig) -> None:
-    store = RedisStore(config)
+async def test_lost_ownership_is_rewritten_by_the_lease_refresh(redis_config: RedisConfig) -> None:
+    store = RedisStore(redis_config)
     await store.start()
     try:
         await store.refresh_lease("n1", 15, now=1000)
@@ -49,11 +37,11 @@ async def test_lost_ownership_is_rewritten_by_the_lease_refresh(config: RedisCon
         await store.close()
 
 
-async def test_interleaved_put_and_remove_leave_no_unowned_entry(config: RedisConfig) -> None:
+async def test_interleaved_put_and_remove_leave_no_unowned_entry(redis_config: RedisConfig) -> None:
     """A re-assert (put) beside the session's own leave (remove) of one meta, in
     either order, with the ownership record cached or not: whatever the outcome, a
     channel entry always has its ownership record, so a sweep finds it."""
-    store = RedisStore(config)
+    store = RedisStore(redis_config)
     await store.start()
     ch, field = "team:race", keys.meta_field("u1", "c1")
     owned = pack([ch, "u1", "c1"])
