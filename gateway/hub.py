@@ -6,7 +6,10 @@ the local view after a broker gap). A flush encodes the diff once per wire forma
 serializes it once as a WebSocket frame and writes the same bytes to every member's
 socket without awaiting any of them (:func:`gateway.transport.prepare`), where
 ``websockets.broadcast`` would write (open, no fragmented message in progress); members
-whose own changes are in the diff get a copy without them. A member whose unsent buffer
+whose own changes are in the diff get a copy without them. Flushes run on one tick for
+all channels: the first pending change of any channel starts the coalescing window,
+and when it ends every channel with pending changes is flushed (one timer per window,
+not one per channel; a change waits at most the window). A member whose unsent buffer
 has passed ``max_buffer`` is closed (1008) instead of written to, so a stuck client
 cannot grow the node's memory.
 """
@@ -57,7 +60,7 @@ class Member(Protocol):
 class Channel:
     """One channel's local members, pending diff and mirror."""
 
-    __slots__ = ("flush_handle", "members", "mirror", "name", "pending", "seeded", "untold")
+    __slots__ = ("members", "mirror", "name", "pending", "seeded", "untold")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -72,7 +75,6 @@ class Channel:
         # sent to every member: a joiner whose read ran at the same time may lack them,
         # so the live join of such a meta is still sent.
         self.untold: set[tuple[str, str]] = set()
-        self.flush_handle: asyncio.Handle | None = None
 
 
 class Hub:
@@ -92,6 +94,11 @@ class Hub:
         # on_flush(frames written, bytes written, propagation seconds) feeds the metrics.
         self.on_flush = on_flush
         self.clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        # The channels with a pending diff, in the order they got it, and the one timer
+        # that flushes them all: one loop wake-up per window for every channel, not one
+        # per channel (a change still waits at most the window).
+        self._due: dict[Channel, None] = {}
+        self._tick: asyncio.Handle | None = None
 
     # -- membership --------------------------------------------------------------
     def add(self, ch: str, member: Member) -> bool:
@@ -119,8 +126,7 @@ class Hub:
             self._members -= 1
         if channel.members:
             return False
-        if channel.flush_handle is not None:
-            channel.flush_handle.cancel()
+        self._due.pop(channel, None)
         del self.channels[ch]
         return True
 
@@ -177,13 +183,20 @@ class Hub:
         return channel.mirror if channel is not None else None
 
     def _schedule(self, channel: Channel) -> None:
-        if channel.flush_handle is not None:
+        self._due[channel] = None
+        if self._tick is not None:
             return
         loop = asyncio.get_running_loop()
         if self.coalesce > 0:
-            channel.flush_handle = loop.call_later(self.coalesce, self._flush, channel)
+            self._tick = loop.call_later(self.coalesce, self._flush_due)
         else:
-            channel.flush_handle = loop.call_soon(self._flush, channel)
+            self._tick = loop.call_soon(self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._tick = None
+        due, self._due = self._due, {}
+        for channel in due:
+            self._flush(channel)
 
     def flush_all(self) -> None:
         """Send every pending diff now (drain, tests)."""
@@ -191,9 +204,7 @@ class Hub:
             self._flush(channel)
 
     def _flush(self, channel: Channel) -> None:
-        if channel.flush_handle is not None:
-            channel.flush_handle.cancel()
-            channel.flush_handle = None
+        self._due.pop(channel, None)
         pending = channel.pending
         if not pending:
             return
