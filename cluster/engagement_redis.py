@@ -14,9 +14,14 @@ Per user (all keys hash-tagged ``{<user>}``, so one user's keys share a slot):
 
 Every key of a day gets ``PEXPIREAT`` :func:`~presence.engagement.expire_at_ms` of that
 day; the devices hash expires :data:`~presence.engagement.RETENTION_DAYS` days after
-its last write. Writes are single round trips: ``mark_online`` sends every user's
-``SETBIT`` + ``PEXPIREAT`` in one non-transactional pipeline (split per master and
-sent concurrently in a cluster), in chunks of :data:`CHUNK` users.
+its last write. Writes go through a write batcher of the store's own
+(:class:`~cluster.redis_batch.WriteBatcher` on a :class:`~cluster.redis_link.RedisLink`
+of its own, not the Store's): the writes of one loop turn go out as one pipeline per
+master on the batcher's own connections. Each connection opened writes a session and an
+online minute, so at a reconnect storm these writes ran through redis-py's cluster
+pipeline at a cost of its own per write, a tenth of a gateway's CPU; ``mark_online``
+sends every user's ``SETBIT`` + ``PEXPIREAT`` in chunks of :data:`CHUNK` users. Reads
+(:meth:`RedisEngagement.engagement`) keep redis-py's pipeline.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from cluster import keys
-from cluster.redis_conn import RedisConfig, Topology, script, text
+from cluster.redis_batch import Command
+from cluster.redis_conn import RedisConfig, script, text
+from cluster.redis_link import RedisLink
 from presence import engagement as eng
 
 __all__ = ["CHUNK", "DEVICE_SCRIPT", "RedisEngagement"]
@@ -43,41 +50,42 @@ class RedisEngagement:
 
     def __init__(self, config: RedisConfig) -> None:
         self.config = config
-        self.redis = Topology(config)
+        self._link = RedisLink(config)
+        self.redis = self._link.topology
+        self._batch = self._link.batch
 
     async def start(self) -> None:
-        await self.redis.start()
+        await self._link.attach(self)
 
     async def close(self) -> None:
-        await self.redis.close()
+        await self._link.detach(self)
 
     async def record_session(self, user: str, now: int) -> None:
         day = eng.day_key(now)
         key = keys.user_sessions(user, day)
-        pipe = self.redis.pipeline()
-        pipe.execute_command("INCR", key)
-        pipe.execute_command("PEXPIREAT", key, eng.expire_at_ms(day))
-        await self.redis.run(pipe)
+        await self._batch.run([(key, ("INCR", key)),
+                               (key, ("PEXPIREAT", key, eng.expire_at_ms(day)))])
 
     async def mark_online(self, users: Sequence[str], now: int) -> None:
         day, minute = eng.day_key(now), eng.minute_index(now)
         expire = eng.expire_at_ms(day)
         unique = list(dict.fromkeys(users))
         for i in range(0, len(unique), CHUNK):
-            pipe = self.redis.pipeline()
+            commands: list[Command] = []
             for user in unique[i : i + CHUNK]:
                 key = keys.user_online(user, day)
-                pipe.execute_command("SETBIT", key, minute, 1)
-                pipe.execute_command("PEXPIREAT", key, expire)
-            await self.redis.run(pipe)
+                commands.append((key, ("SETBIT", key, minute, 1)))
+                commands.append((key, ("PEXPIREAT", key, expire)))
+            await self._batch.run(commands)
 
     async def record_device(self, user: str, device: str, now: int) -> None:
         name = eng.normalize_device(device)
         if name is None:
             return
         expire = now + eng.RETENTION_DAYS * eng.DAY_MS
-        await self.redis.eval(DEVICE_SCRIPT, [keys.user_devices(user)],
-                              [name, now, eng.MAX_DEVICES, expire])
+        key = keys.user_devices(user)
+        await self._batch.run([(key, DEVICE_SCRIPT.call(
+            [key], [name, now, eng.MAX_DEVICES, expire]))])
 
     async def engagement(
         self, users: Sequence[str], now: int, days: int = eng.WINDOW_DAYS

@@ -150,6 +150,26 @@ async def test_batches_larger_than_one_pipeline(engagements: Engagements) -> Non
     assert all(dict(r.sessions) == {day_key(T0): 1} for r in got.values())
 
 
+async def test_a_device_is_recorded_on_a_redis_that_lost_its_scripts(
+    engagements: Engagements,
+) -> None:
+    """Device writes run their script by SHA: a master that forgot it (restarted,
+    promoted, flushed) answers NOSCRIPT and the write is sent again as EVAL."""
+    s = await engagements.node()
+    await s.record_device("u", "web", T0)
+    if engagements.config is not None:
+        raw = engagements.raw_client()
+        if isinstance(raw, redis.RedisCluster):
+            for node in raw.get_primaries():
+                raw.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+        else:
+            raw.script_flush()
+        raw.close()
+    await s.record_device("u", "phone", T0 + 1)
+    got = (await s.engagement(["u"], T0 + 2))["u"]
+    assert got.devices == {"web": T0, "phone": T0 + 1}
+
+
 async def test_user_ids_with_braces_stay_apart(engagements: Engagements) -> None:
     s = await engagements.node()
     await s.mark_online(["a}b", "{a}"], T0)
