@@ -24,6 +24,7 @@ import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,10 +92,16 @@ class Window:
     """
 
     def __init__(self, pids: list[int], start: float, end: float, probe: Probe | None = None,
-                 label: str = "") -> None:
+                 label: str = "", counter: Callable[[], float | None] | None = None) -> None:
         self.pids, self.start, self.end = pids, start, end
         self.probe, self.label = probe, label
         self.cpu: float | None = None
+        # counter: read at the window's two ends with the CPU (e.g. the frames a server
+        # says it wrote); ``count`` is the difference, ``backlog_mb`` the machine's TCP
+        # memory at the end.
+        self.counter = counter
+        self.count: float | None = None
+        self.backlog_mb: float | None = None
         self._done = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
@@ -105,15 +112,26 @@ class Window:
         except (OSError, ValueError, IndexError):
             return None
 
+    def _read(self) -> float | None:
+        try:
+            return self.counter() if self.counter is not None else None
+        except (OSError, ValueError, KeyError):
+            return None
+
     def _run(self, t0: float) -> None:
         self._done.wait(max(0.0, t0 + self.start - time.monotonic()))
         cpu0 = self._cpu()
+        count0 = self._read()
         if self.probe is not None:
             self.probe.begin(self.pids[0], self.label)
         try:
             self._done.wait(max(0.0, t0 + self.end - time.monotonic()))
             cpu1 = self._cpu()
+            count1 = self._read()
+            self.backlog_mb = tcp_memory_mb()
             self.cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+            if count0 is not None and count1 is not None:
+                self.count = count1 - count0
         finally:
             if self.probe is not None:
                 self.probe.end()
@@ -129,6 +147,20 @@ class Window:
                 self._done.set()  # the clients are done before the window's end
             self._thread.join(60)
         return self.cpu
+
+
+def tcp_memory_mb() -> float | None:
+    """The machine's TCP buffer memory now (``/proc/net/sockstat``, pages of 4 KiB): on
+    a fan-out, mostly frames written and not yet read by the clients."""
+    try:
+        with open("/proc/net/sockstat") as fh:
+            for line in fh:
+                if line.startswith("TCP:"):
+                    f = line.split()
+                    return int(f[f.index("mem") + 1]) * 4 / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _merge_step(results: list[dict[str, Any]], *step_list: int) -> dict[str, Any]:
@@ -349,7 +381,7 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
     d = sz.fanout_duration
     bare_jobs = [Job("bare", f"ws://127.0.0.1:{bare.port}/", "", part, [(0.0, 1.0), (0.0, d)])
                  for part in split(conns, sz.procs)]
-    b_ready, b_results, bare_cpu = _bare_run(bare_jobs, bare, size, d)
+    b_ready, b_results, bare_cpu, bare_w = _bare_run(bare_jobs, bare, size, d)
     b = _merge_step(b_results, 1)
     bare_fps = b["frames"] / d
     # Offered to the gateway: twice the floor's frames/s (so that the gateway, not the
@@ -369,11 +401,13 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
             r = rate * sum(c.send for c in part) / pubs
             jobs.append(Job("gateway", gw.ws_url, gw.secret, part, [(r, 1.0), (r, d)],
                             light=True, pace=0.001))
-        window = Window([gw.pid], 1.0, 1.0 + d, probe, str(n))
+        window = Window([gw.pid], 1.0, 1.0 + d, probe, str(n),
+                        counter=lambda: _fanout_frames_written(gw.admin_url))
         try:
             ready, results = run_clients(jobs, after_go=window.open)
         finally:
             cpu = window.close()  # the measured window only
+        gw_w = (window.count, window.backlog_mb)
         slow = procs.scrape(gw.admin_url, "presence_slow_consumer_closes_total")
     finally:
         gw.stop()
@@ -384,13 +418,18 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
         # The gateway merges the changes of one loop tick, so its frames may be larger
         # than guessed: measure the floor again with the gateway's own frame size.
         size = gw_size
-        b_ready, b_results, bare_cpu = _bare_run(bare_jobs, bare, size, d)
+        b_ready, b_results, bare_cpu, bare_w = _bare_run(bare_jobs, bare, size, d)
         b = _merge_step(b_results, 1)
         bare_fps = b["frames"] / d
     # CPU per frame of each server over its measured window: the figure that other work
     # on the machine moves least (frames/s also depends on the CPU each one was given).
     gw_us = cpu / g["frames"] * 1e6 if cpu is not None and g["frames"] else None
     bare_us = bare_cpu / b["frames"] * 1e6 if bare_cpu is not None and b["frames"] else None
+    # What each server says it wrote over its window, against what its clients read: a
+    # server that writes faster than the clients (on the same two cores) read leaves
+    # the difference unread in the kernel, and frames/s above measure the clients.
+    gw_wps = gw_w[0] / d if gw_w[0] is not None else None
+    bare_wps = bare_w[0] / d if bare_w[0] is not None else None
     return {"members": n, "publishers": pubs, "offered_updates_per_s": rate,
             "payload_bytes": size, "gateway_payload_bytes": gw_size,
             "gateway_latency_samples_from": "publishers only (receivers do not parse)",
@@ -402,16 +441,35 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
             "gateway_cpu_us_per_frame": gw_us, "bare_cpu_s": bare_cpu,
             "bare_cpu_us_per_frame": bare_us,
             "cpu_ratio": bare_us / gw_us if bare_us and gw_us else None,
+            "gateway_written_per_s": gw_wps, "bare_written_per_s": bare_wps,
+            "written_ratio": gw_wps / bare_wps if gw_wps and bare_wps else None,
+            "gateway_backlog_mb": gw_w[1], "bare_backlog_mb": bare_w[1],
             "gateway_dropped": sum(r["dropped"] for r in results),
             "slow_consumer_closes": slow,
             "bare_stats": json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))}
 
 
+def _fanout_frames_written(admin_url: str) -> float | None:
+    """The frames a gateway has written to its clients less the frames it received:
+    its diffs, without the one reply to each update of the fan-out's publishers."""
+    got = procs.scrape_all(admin_url, ("presence_frames_sent_total",
+                                       "presence_frames_received_total"))
+    if got is None:
+        return None
+    return got["presence_frames_sent_total"] - got["presence_frames_received_total"]
+
+
+def _bare_frames_written(bare: procs.PyServer) -> float:
+    return float(json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))["frames"])
+
+
 def _bare_run(jobs: list[Job], bare: procs.PyServer, size: int, d: float
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float | None]:
+              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float | None,
+                         tuple[float | None, float | None]]:
     """The bare server broadcasting ``size``-byte frames to ``jobs`` for ``d`` s (after
-    a 1 s step of nothing); its CPU seconds over that window."""
-    window = Window([bare.pid], 1.0, 1.0 + d)
+    a 1 s step of nothing); its CPU seconds over that window, and (frames it wrote in
+    the window, TCP memory at its end in MB)."""
+    window = Window([bare.pid], 1.0, 1.0 + d, counter=lambda: _bare_frames_written(bare))
 
     def go() -> None:
         window.open()
@@ -421,7 +479,7 @@ def _bare_run(jobs: list[Job], bare: procs.PyServer, size: int, d: float
         ready, results = run_clients(jobs, after_go=go)
     finally:
         cpu = window.close()
-    return ready, results, cpu
+    return ready, results, cpu, (window.count, window.backlog_mb)
 
 
 def measure_peer(sz: Sizes, probe: Probe | None = None) -> dict[str, Any]:

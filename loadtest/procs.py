@@ -94,6 +94,21 @@ def scrape(admin_url: str, metric: str) -> float | None:
     return total if seen else None
 
 
+def scrape_all(admin_url: str, metrics: tuple[str, ...]) -> dict[str, float] | None:
+    """The sums of the samples of each of ``metrics`` from one read of the gateway's
+    /metrics (0.0 for one it does not have), or None when it cannot be read."""
+    try:
+        text = http_get(f"{admin_url}/metrics", timeout=3.0)
+    except OSError:
+        return None
+    out = dict.fromkeys(metrics, 0.0)
+    for line in text.splitlines():
+        for metric in metrics:
+            if line.startswith(metric) and line[len(metric) : len(metric) + 1] in (" ", "{"):
+                out[metric] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def histogram_quantiles(admin_url: str, metric: str,
                         qs: tuple[float, ...] = (0.5, 0.95, 0.99)) -> dict[float, float | None]:
     """Upper bucket bounds (seconds) holding the ``qs`` quantiles of a histogram."""

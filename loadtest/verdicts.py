@@ -199,7 +199,12 @@ def figures(name: str, r: Mapping[str, Any]) -> Figures:
                         f"bytes_{m}": p.get("payload_bytes"),
                         f"cpu_ratio_{m}": p.get("cpu_ratio"),
                         f"gw_us_{m}": p.get("gateway_cpu_us_per_frame"),
-                        f"bare_us_{m}": p.get("bare_cpu_us_per_frame")})
+                        f"bare_us_{m}": p.get("bare_cpu_us_per_frame"),
+                        f"written_ratio_{m}": p.get("written_ratio"),
+                        f"gw_wps_{m}": p.get("gateway_written_per_s"),
+                        f"bare_wps_{m}": p.get("bare_written_per_s"),
+                        f"gw_backlog_{m}": p.get("gateway_backlog_mb"),
+                        f"bare_backlog_{m}": p.get("bare_backlog_mb")})
         return out
     if name == "peer":
         ours, peer = r.get("ours") or {}, r.get("peer") or {}
@@ -353,6 +358,14 @@ def rows(name: str, entry: Mapping[str, Any]) -> list[Row]:
             R.add("  server CPU per frame, bare / gateway (frames per CPU second)",
                   f"{fmt_spread(R.s(f'cpu_ratio_{m}'), 2)} ({fmt_spread(R.s(f'bare_us_{m}'), 2)}"
                   f" vs {fmt_spread(R.s(f'gw_us_{m}'), 2)} us)", [f"cpu_ratio_{m}"])
+            if R.s(f"written_ratio_{m}") is not None:
+                R.add("  frames/s written, by each server's count: gateway / bare",
+                      f"{fmt_spread(R.s(f'written_ratio_{m}'), 2)} "
+                      f"({fmt_spread(R.s(f'gw_wps_{m}'))} vs {fmt_spread(R.s(f'bare_wps_{m}'))})",
+                      [f"written_ratio_{m}"])
+                R.add("  unread at the window's end (TCP memory), gateway vs bare",
+                      f"{fmt_spread(R.s(f'gw_backlog_{m}'), 0)} vs "
+                      f"{fmt_spread(R.s(f'bare_backlog_{m}'), 0)} MB", [f"gw_backlog_{m}"])
     if name == "cluster" and R.summary:
         R.add("Redis Cluster, 2 gateways, same load: p99 added to one process's",
               fmt_spread(R.s("p99_added"), 0, " ms"), ["p99_added"], CLUSTER_ADDED.text,

@@ -87,6 +87,31 @@ def test_fanout_rows_use_the_ratio_of_each_run() -> None:
     assert [r.measure for r in v.missed(list(rows.values()))] == [r250.measure]
 
 
+def test_fanout_rows_show_what_each_server_wrote_and_left_unread() -> None:
+    runs = []
+    for written, backlog in ((1.25, 40.0), (1.2, 90.0), (1.3, 60.0)):
+        run = _fanout_run({500: 1.0})
+        point = run["points"][0]  # type: ignore[index]
+        point.update({"written_ratio": written, "gateway_written_per_s": written * 1000,
+                      "bare_written_per_s": 1000.0, "gateway_backlog_mb": backlog,
+                      "bare_backlog_mb": 1.0})
+        runs.append(run)
+    rows = {r.measure: r for r in v.rows("fanout", _entry("fanout", runs))}
+    written = rows["  frames/s written, by each server's count: gateway / bare"]
+    assert written.figure == "1.25 (1.20-1.30) (1,250 (1,200-1,300) vs 1,000 (1,000-1,000))"
+    assert written.verdict == ""  # the verdict stays on the frames the clients read
+    unread = rows["  unread at the window's end (TCP memory), gateway vs bare"]
+    assert unread.figure == "60 (40-90) vs 1 (1-1) MB"
+    verdict_row = rows["fan-out, 1 channel x 500 members, 300 B frames: gateway / bare"]
+    assert verdict_row.verdict == "missed by 17 %"
+
+
+def test_fanout_rows_without_server_counts_leave_their_rows_out() -> None:
+    entry = _entry("fanout", [_fanout_run({250: 0.8})])
+    measures = [r.measure for r in v.rows("fanout", entry)]
+    assert not any("written" in m or "unread" in m for m in measures)
+
+
 def _prop(p99: float, cpu_us: float, lost: int = 0) -> dict[str, object]:
     return {"latency_ms": {"n": 10, "p50": p99 / 2, "p95": p99 * 0.9, "p99": p99},
             "entries": 1900 - lost, "expected_entries": 1900, "cpu_us_per_delivery": cpu_us,
