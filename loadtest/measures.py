@@ -446,7 +446,7 @@ def _fanout_point(sz: Sizes, n: int, bare: procs.PyServer, size: int,
             "gateway_backlog_mb": gw_w[1], "bare_backlog_mb": bare_w[1],
             "gateway_dropped": sum(r["dropped"] for r in results),
             "slow_consumer_closes": slow,
-            "bare_stats": json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))}
+            "bare_stats": _bare_stats(bare)}
 
 
 def _fanout_frames_written(admin_url: str) -> float | None:
@@ -459,8 +459,10 @@ def _fanout_frames_written(admin_url: str) -> float | None:
     return got["presence_frames_sent_total"] - got["presence_frames_received_total"]
 
 
-def _bare_frames_written(bare: procs.PyServer) -> float:
-    return float(json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))["frames"])
+def _bare_stats(bare: procs.PyServer) -> dict[str, Any]:
+    """The bare server's ``/stats`` (loadtest/bare_server.py)."""
+    stats: dict[str, Any] = json.loads(procs.http_get(f"http://127.0.0.1:{bare.port}/stats"))
+    return stats
 
 
 def _bare_run(jobs: list[Job], bare: procs.PyServer, size: int, d: float
@@ -469,7 +471,7 @@ def _bare_run(jobs: list[Job], bare: procs.PyServer, size: int, d: float
     """The bare server broadcasting ``size``-byte frames to ``jobs`` for ``d`` s (after
     a 1 s step of nothing); its CPU seconds over that window, and (frames it wrote in
     the window, TCP memory at its end in MB)."""
-    window = Window([bare.pid], 1.0, 1.0 + d, counter=lambda: _bare_frames_written(bare))
+    window = Window([bare.pid], 1.0, 1.0 + d, counter=lambda: float(_bare_stats(bare)["frames"]))
 
     def go() -> None:
         window.open()

@@ -80,18 +80,23 @@ def http_get(url: str, timeout: float = 5.0, token: str | None = None) -> str:
         return str(resp.read().decode())
 
 
-def scrape(admin_url: str, metric: str) -> float | None:
-    """The sum of every sample of ``metric`` in the gateway's /metrics, or None."""
-    try:
-        text = http_get(f"{admin_url}/metrics", timeout=3.0)
-    except OSError:
-        return None
+def _sample_sum(text: str, metric: str) -> float | None:
+    """The sum of every sample of ``metric`` in a /metrics text, or None if absent."""
     total, seen = 0.0, False
     for line in text.splitlines():
         if line.startswith(metric) and line[len(metric) : len(metric) + 1] in (" ", "{"):
             total += float(line.rsplit(" ", 1)[1])
             seen = True
     return total if seen else None
+
+
+def scrape(admin_url: str, metric: str) -> float | None:
+    """The sum of every sample of ``metric`` in the gateway's /metrics, or None."""
+    try:
+        text = http_get(f"{admin_url}/metrics", timeout=3.0)
+    except OSError:
+        return None
+    return _sample_sum(text, metric)
 
 
 def scrape_all(admin_url: str, metrics: tuple[str, ...]) -> dict[str, float] | None:
@@ -101,12 +106,7 @@ def scrape_all(admin_url: str, metrics: tuple[str, ...]) -> dict[str, float] | N
         text = http_get(f"{admin_url}/metrics", timeout=3.0)
     except OSError:
         return None
-    out = dict.fromkeys(metrics, 0.0)
-    for line in text.splitlines():
-        for metric in metrics:
-            if line.startswith(metric) and line[len(metric) : len(metric) + 1] in (" ", "{"):
-                out[metric] += float(line.rsplit(" ", 1)[1])
-    return out
+    return {metric: _sample_sum(text, metric) or 0.0 for metric in metrics}
 
 
 def histogram_quantiles(admin_url: str, metric: str,
